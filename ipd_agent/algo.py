@@ -1,0 +1,439 @@
+"""IPD as a d3rlpy algorithm: ``IPDConfig(...).create()``, ``fit``, ``predict``, save / ``d3rlpy.load_learnable``.
+
+``IPD.fit`` runs the stages in the order data flows through them::
+
+    value (d3rlpy IQL) -> world model -> branch points + MPC rollouts + splice (augment) -> transformer
+
+Each stage shows a progress bar, logs through d3rlpy's logger adapters and is skipped when it is
+already done (value and world model are saved with the model; the augmentation is cached and
+re-run only when the augmentation settings change), so a user can fit the value function once and
+try several augmentation settings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any, Callable, Optional, Union
+
+import d3rlpy
+import numpy as np
+import torch
+from d3rlpy.algos.transformer.base import TransformerAlgoBase, TransformerAlgoImplBase, TransformerConfig
+from d3rlpy.algos.transformer.inputs import TorchTransformerInput, TransformerInput
+from d3rlpy.base import DeviceArg, register_learnable
+from d3rlpy.constants import ActionSpace
+from d3rlpy.logging import D3RLPyLogger, FileAdapterFactory, LoggerAdapterFactory
+from d3rlpy.metrics import evaluate_transformer_with_environment
+from d3rlpy.torch_utility import Modules
+from torch import nn
+from tqdm.auto import tqdm
+
+from .augment import AugmentationResult, augment, batched_values
+from .config import AugmentConfig, PlannerConfig, TransformerNetConfig, ValueConfig, WorldModelConfig
+from .data import DatasetError, Trajectories, to_trajectories
+from .planner import MPCPlanner
+from .policy import IPDPolicy, StatefulIPDWrapper
+from .transformer import CausalTransformer, WindowSampler, lr_lambda, value_guided_loss, value_returns_to_go
+from .value import ValueFunctions, fit_value_functions, make_iql
+from .world_model import WorldModel, fit_world_model
+
+__all__ = ["IPDConfig", "IPD", "IPDImpl", "load_ipd"]
+
+STAGES = ("value", "world_model", "transformer")
+
+
+@dataclasses.dataclass()
+class IPDConfig(TransformerConfig):
+    """Config of Imaginary Planning Distillation.
+
+    Args:
+        batch_size: transformer mini-batch (windows); kept in sync with ``transformer.batch_size``.
+        gamma: discount factor for values, planning and return tokens.
+        context_size: K, the number of (g, s, a) steps the transformer sees.
+        max_timestep: unused by IPD (positions are inside the window); kept for d3rlpy compatibility.
+        seed: seeds every stage (IQL, world model, branch sampling, MPC noise, transformer).
+        value: IQL value-function settings (stage 1).
+        world_model: ensemble dynamics model settings (stage 2).
+        planner: MPPI settings (stage 4).
+        augment: branch points, rollout length and acceptance (stages 3-5).
+        transformer: value-guided transformer settings (stage 6).
+    """
+
+    batch_size: int = 64
+    gamma: float = 0.99
+    context_size: int = 20
+    max_timestep: int = 1000
+    seed: int = 0
+    value: ValueConfig = dataclasses.field(default_factory=ValueConfig)
+    world_model: WorldModelConfig = dataclasses.field(default_factory=WorldModelConfig)
+    planner: PlannerConfig = dataclasses.field(default_factory=PlannerConfig)
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+    transformer: TransformerNetConfig = dataclasses.field(default_factory=TransformerNetConfig)
+
+    def __post_init__(self) -> None:
+        for name, typ in (("value", ValueConfig), ("world_model", WorldModelConfig), ("planner", PlannerConfig),
+                          ("augment", AugmentConfig), ("transformer", TransformerNetConfig)):
+            sub = getattr(self, name)
+            if isinstance(sub, dict):  # allow IPDConfig(world_model={"n_members": 5})
+                unknown = set(sub) - {f.name for f in dataclasses.fields(typ)}
+                if unknown:
+                    raise ValueError(f"unknown {name} config field(s) {sorted(unknown)}; valid: "
+                                     f"{[f.name for f in dataclasses.fields(typ)]}")
+                setattr(self, name, typ(**sub))
+        if isinstance(self.value.hidden_units, list):
+            self.value.hidden_units = tuple(self.value.hidden_units)
+
+    def create(self, device: DeviceArg = False, enable_ddp: bool = False) -> "IPD":
+        return IPD(self, device, enable_ddp)
+
+    @staticmethod
+    def get_type() -> str:
+        return "ipd"
+
+
+class StageFlags(nn.Module):
+    """Which stages are done, saved with the model so a loaded model knows what it has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("done", torch.zeros(len(STAGES), dtype=torch.bool))
+        self.register_buffer("transformer_steps", torch.zeros((), dtype=torch.long))
+
+    def is_done(self, stage: str) -> bool:
+        return bool(self.done[STAGES.index(stage)])
+
+    def mark(self, stage: str, value: bool = True) -> None:
+        self.done[STAGES.index(stage)] = value
+
+
+@dataclasses.dataclass(frozen=True)
+class IPDModules(Modules):
+    transformer: CausalTransformer
+    value: ValueFunctions
+    world_model: WorldModel
+    stages: StageFlags
+
+
+class IPDImpl(TransformerAlgoImplBase):
+    """Holds the networks; the math of each stage lives in the module named after it."""
+
+    _modules: IPDModules
+
+    def __init__(self, observation_shape, action_size: int, modules: IPDModules, device: str, iql) -> None:
+        super().__init__(observation_shape, action_size, modules, device)
+        self.iql = iql  # d3rlpy IQL whose networks ValueFunctions wraps; used to train stage 1
+
+    @property
+    def transformer(self) -> CausalTransformer:
+        return self._modules.transformer
+
+    @property
+    def value(self) -> ValueFunctions:
+        return self._modules.value
+
+    @property
+    def world_model(self) -> WorldModel:
+        return self._modules.world_model
+
+    @property
+    def stages(self) -> StageFlags:
+        return self._modules.stages
+
+    def inner_predict(self, inpt: TorchTransformerInput) -> torch.Tensor:
+        """d3rlpy transformer semantics: the action for the last step of the given context."""
+        valid = inpt.masks[0] > 0  # d3rlpy left-pads short contexts; our windows start at position 0
+        obs = inpt.observations[:, valid]
+        act = inpt.actions[:, valid]
+        rtg = inpt.returns_to_go[:, valid].reshape(1, -1)
+        return self.transformer(obs, act, rtg)[0, -1]
+
+    def inner_update(self, batch, grad_step: int) -> dict[str, float]:  # pragma: no cover - IPD has its own loop
+        raise NotImplementedError("IPD trains through IPD.fit")
+
+
+class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
+    """Imaginary Planning Distillation (Qin et al., AAMAS 2026) on top of d3rlpy's transformer base."""
+
+    def __init__(self, config: IPDConfig, device: DeviceArg, enable_ddp: bool = False) -> None:
+        super().__init__(config, device, enable_ddp)
+        self.augmentation: Optional[AugmentationResult] = None
+        self._augmentation_key: Optional[str] = None
+        self.stage_times: dict[str, float] = {}
+        self.stage_metrics: dict[str, Any] = {}
+
+    def get_action_type(self) -> ActionSpace:
+        return ActionSpace.CONTINUOUS
+
+    # ----- building ------------------------------------------------------------------------
+    def inner_create_impl(self, observation_shape, action_size: int) -> None:
+        if isinstance(observation_shape, int):
+            observation_shape = (observation_shape,)
+        observation_shape = tuple(observation_shape)
+        cfg = self._config
+        torch.manual_seed(cfg.seed)
+        iql = make_iql(cfg.value, self._device)
+        iql.create_impl(observation_shape, action_size)
+        modules = IPDModules(
+            transformer=CausalTransformer(observation_shape[0], action_size, cfg.context_size, cfg.transformer),
+            value=ValueFunctions(iql),
+            world_model=WorldModel(observation_shape[0], action_size, cfg.world_model),
+            stages=StageFlags(),
+        )
+        self._impl = IPDImpl(observation_shape, action_size, modules, self._device, iql)
+
+    # ----- the whole method ----------------------------------------------------------------
+    def fit(  # type: ignore[override]
+        self,
+        dataset: Any,
+        n_steps: Optional[int] = None,
+        n_steps_per_epoch: int = 1000,
+        experiment_name: Optional[str] = None,
+        with_timestamp: bool = True,
+        logger_adapter: LoggerAdapterFactory = FileAdapterFactory(),
+        show_progress: bool = True,
+        eval_env: Any = None,
+        eval_episodes: int = 10,
+        save_interval: int = 10**9,
+        callback: Optional[Callable[["IPD", int, int], None]] = None,
+    ) -> dict:
+        """Runs every IPD stage that is not done yet, then trains the transformer for ``n_steps``.
+
+        Args:
+            dataset: d3rlpy ReplayBuffer/MDPDataset, Minari dataset, Minari id or local path, or Trajectories.
+            n_steps: transformer gradient steps (default: ``config.transformer.n_steps``).
+            n_steps_per_epoch: transformer steps between logger commits / evaluations.
+            experiment_name: d3rlpy log directory name (default ``IPD``).
+            with_timestamp: append a timestamp to the log directory name.
+            logger_adapter: d3rlpy logger adapter factory (file, tensorboard, ...).
+            show_progress: progress bars for every stage.
+            eval_env: optional Gymnasium env evaluated (value-conditioned) at every epoch end.
+            eval_episodes: episodes per evaluation.
+            save_interval: save the model every this many epochs.
+            callback: called as ``callback(algo, epoch, total_step)`` after every transformer step.
+
+        Returns:
+            dict with per-stage wall time, the augmentation summary and the last losses.
+        """
+        traj, meta = to_trajectories(dataset)
+        traj.validate()
+        self._check_actions(traj)
+        if eval_env is not None:
+            self._check_env(eval_env, traj)
+        if self._impl is None:
+            self.create_impl((traj.observation_dim,), traj.action_dim)
+        elif tuple(self._impl.observation_shape) != (traj.observation_dim,) or self._impl.action_size != traj.action_dim:
+            raise DatasetError(
+                f"This model was built for observations {tuple(self._impl.observation_shape)} and "
+                f"{self._impl.action_size} actions; the dataset has ({traj.observation_dim},) and {traj.action_dim}."
+            )
+        impl = self._impl
+        name = experiment_name or "IPD"
+        logger = D3RLPyLogger(algo=self, adapter_factory=logger_adapter, experiment_name=name,
+                              n_steps_per_epoch=n_steps_per_epoch, with_timestamp=with_timestamp)
+        d3rlpy.base.save_config(self, logger)
+        cfg = self._config
+        n_steps = cfg.transformer.n_steps if n_steps is None else n_steps
+
+        # stage 1: value function (d3rlpy IQL on the real data)
+        if not impl.stages.is_done("value"):
+            t0 = time.perf_counter()
+            torch.manual_seed(cfg.seed)
+            np.random.seed(cfg.seed)
+            fit_value_functions(impl.iql, traj.to_d3rlpy(), cfg.value, logger_adapter, show_progress,
+                                f"{name}_value_iql")
+            impl.value.set_reward_scale(impl.iql.config.reward_scaler)
+            impl.stages.mark("value")
+            self.stage_times["value"] = time.perf_counter() - t0
+        impl.value.freeze()
+
+        # stage 2: ensemble world model, elites and threshold κ
+        if not impl.stages.is_done("world_model"):
+            t0 = time.perf_counter()
+            torch.manual_seed(cfg.seed)
+            wm_metrics = fit_world_model(
+                impl.world_model, traj.observations, traj.actions, traj.rewards, traj.next_observations,
+                traj.terminals, seed=cfg.seed, show_progress=show_progress, log=None,
+            )
+            impl.stages.mark("world_model")
+            self.stage_times["world_model"] = time.perf_counter() - t0
+            self.stage_metrics["world_model"] = wm_metrics
+            for k, v in wm_metrics.items():
+                if not isinstance(v, list):
+                    logger.add_metric(k, v)
+        impl.world_model.eval()
+
+        # stages 3-5: branch points, MPC rollouts, splicing (cached per augmentation settings)
+        key = json.dumps([cfg.augment.to_dict(), cfg.planner.to_dict(), cfg.seed, traj.n_transitions], sort_keys=True)
+        if self.augmentation is None or self._augmentation_key != key:
+            t0 = time.perf_counter()
+            self.augmentation = self.augment(traj, show_progress=show_progress)
+            self._augmentation_key = key
+            self.stage_times["augment"] = time.perf_counter() - t0
+            self.stage_metrics["augment"] = self.augmentation.summary()
+            for k, v in self.stage_metrics["augment"].items():
+                logger.add_metric(f"aug_{k}", v)
+            if impl.stages.is_done("transformer"):  # new training data: start the policy afresh
+                self._reset_transformer()
+        logger.commit(0, 0)
+
+        # stage 6: value-guided transformer
+        t0 = time.perf_counter()
+        last = self._fit_transformer(self.augmentation, n_steps, n_steps_per_epoch, logger, show_progress,
+                                     eval_env, eval_episodes, save_interval, callback)
+        self.stage_times["transformer"] = self.stage_times.get("transformer", 0.0) + time.perf_counter() - t0
+        logger.close()
+        return {"stage_times": dict(self.stage_times), "augmentation": self.augmentation.summary(), "last": last}
+
+    def augment(self, dataset: Any, show_progress: bool = True) -> AugmentationResult:
+        """Runs only stages 3-5 (needs a fitted value function and world model)."""
+        traj = dataset if isinstance(dataset, Trajectories) else to_trajectories(dataset)[0]
+        impl = self._impl
+        if impl is None or not (impl.stages.is_done("value") and impl.stages.is_done("world_model")):
+            raise RuntimeError("augment() needs a fitted value function and world model: call fit() first.")
+        cfg = self._config
+        planner = MPCPlanner(impl.world_model, impl.value, cfg.planner, cfg.gamma)
+        return augment(traj, impl.world_model, impl.value, planner, cfg.augment, cfg.gamma, cfg.seed, show_progress)
+
+    def _reset_transformer(self) -> None:
+        impl = self._impl
+        cfg = self._config
+        torch.manual_seed(cfg.seed + 1)
+        fresh = CausalTransformer(impl.observation_shape[0], impl.action_size, cfg.context_size, cfg.transformer)
+        impl.transformer.load_state_dict(fresh.state_dict())
+        impl.stages.mark("transformer", False)
+        impl.stages.transformer_steps.zero_()
+        self._optim = None
+
+    def _fit_transformer(self, aug: AugmentationResult, n_steps: int, n_steps_per_epoch: int, logger,
+                         show_progress: bool, eval_env, eval_episodes: int, save_interval: int, callback) -> dict:
+        impl, cfg, tcfg = self._impl, self._config, self._config.transformer
+        traj = aug.trajectories
+        net = impl.transformer
+        v_next = batched_values(impl.value, traj.next_observations)
+        rtg = value_returns_to_go(traj, v_next, cfg.gamma)
+        if not impl.stages.is_done("transformer"):  # input normalisation from the training data, fixed after
+            with torch.no_grad():
+                real = ~traj.imagined
+                net.obs_mean.copy_(torch.from_numpy(traj.observations[real].mean(0)))
+                net.obs_std.copy_(torch.from_numpy(traj.observations[real].std(0) + 1e-6))
+                net.rtg_scale.fill_(float(np.abs(rtg[real]).mean() + 1e-6))
+        sampler = WindowSampler(traj, rtg, cfg.context_size, tcfg.imagined_ratio, aug.n_real_episodes,
+                                seed=cfg.seed + int(impl.stages.transformer_steps))
+        if getattr(self, "_optim", None) is None:
+            self._optim = torch.optim.AdamW(net.parameters(), lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
+            self._sched = torch.optim.lr_scheduler.LambdaLR(self._optim, lr_lambda(tcfg.warmup_steps))
+        use_bf16 = tcfg.bf16 and torch.backends.mkldnn.is_available()
+        torch.manual_seed(cfg.seed + 2 + int(impl.stages.transformer_steps))
+        net.train()
+        n_epochs = max(1, int(np.ceil(n_steps / n_steps_per_epoch))) if n_steps > 0 else 0
+        last: dict = {}
+        step = 0
+        for epoch in range(1, n_epochs + 1):
+            steps_here = min(n_steps_per_epoch, n_steps - step)
+            bar = tqdm(range(steps_here), desc=f"transformer {epoch}/{n_epochs}", disable=not show_progress)
+            for it in bar:
+                obs, act, g, mask = sampler.sample(tcfg.batch_size)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                    pred = net(obs, act, g)
+                loss, metrics = value_guided_loss(pred.float(), act, obs, mask, impl.value.q, tcfg.value_guidance)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"transformer loss became {float(loss)} at step {step}; "
+                                             "lower transformer.learning_rate or value_guidance.")
+                self._optim.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(net.parameters(), tcfg.grad_clip)
+                self._optim.step()
+                self._sched.step()
+                step += 1
+                self._grad_step += 1
+                impl.stages.transformer_steps += 1
+                metrics["loss"] = float(loss)
+                last = metrics
+                for k, v in metrics.items():
+                    logger.add_metric(k, v)
+                if it % 20 == 0:
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items()})
+                if callback:
+                    callback(self, epoch, step)
+            impl.stages.mark("transformer")
+            if eval_env is not None:
+                net.eval()
+                score = evaluate_transformer_with_environment(self.as_stateful_wrapper(), eval_env, eval_episodes)
+                logger.add_metric("environment", score)
+                last["environment"] = score
+                net.train()
+            logger.commit(epoch, self._grad_step)
+            if epoch % save_interval == 0:
+                logger.save_model(self._grad_step, self)
+        net.eval()
+        return last
+
+    # ----- checks --------------------------------------------------------------------------
+    @staticmethod
+    def _check_actions(traj: Trajectories) -> None:
+        amax = float(np.abs(traj.actions).max())
+        if amax > 1.0 + 1e-4:
+            raise DatasetError(
+                f"Actions reach |a| = {amax:.3g}, but IPD's policy is tanh-bounded to [-1, 1]. Rescale actions to "
+                "[-1, 1] (e.g. wrap the env with gymnasium.wrappers.RescaleAction(env, -1, 1) when collecting)."
+            )
+
+    def _check_env(self, env: Any, traj: Trajectories) -> None:
+        import gymnasium
+
+        if not isinstance(env.action_space, gymnasium.spaces.Box):
+            raise DatasetError(f"eval_env has action space {env.action_space}; IPD needs a Box action space.")
+        if env.observation_space.shape != (traj.observation_dim,) or env.action_space.shape != (traj.action_dim,):
+            raise DatasetError(
+                f"eval_env spaces (obs {env.observation_space.shape}, act {env.action_space.shape}) do not match "
+                f"the dataset (obs ({traj.observation_dim},), act ({traj.action_dim},)): wrong environment?"
+            )
+
+    # ----- inference -----------------------------------------------------------------------
+    def predict(self, x: Union[TransformerInput, np.ndarray]) -> np.ndarray:  # type: ignore[override]
+        """Actions for a batch of observations [B, obs] (one-step context, g = V(s)), or d3rlpy's
+        ``TransformerInput`` (action for the last step of that context)."""
+        if self._impl is None:
+            raise RuntimeError("The model is not built: call fit() or d3rlpy.load_learnable() first.")
+        if isinstance(x, TransformerInput):
+            self._impl.modules.set_eval()
+            return super().predict(x)
+        obs = np.asarray(x, dtype=np.float32)
+        dim = self._impl.observation_shape[0]
+        if obs.ndim != 2 or obs.shape[1] != dim:
+            raise ValueError(f"predict expects observations shaped (batch, {dim}); got {obs.shape}. "
+                             "For a single observation use obs[None].")
+        if not np.isfinite(obs).all():
+            raise ValueError("predict got NaN/inf observations.")
+        self._impl.modules.set_eval()  # no dropout at inference (also after d3rlpy.load_learnable)
+        with torch.no_grad():
+            o = torch.from_numpy(obs).unsqueeze(1)
+            g = self._impl.value.v(o)
+            a = torch.zeros(len(obs), 1, self._impl.action_size)
+            return self._impl.transformer(o, a, g)[:, 0].numpy()
+
+    def as_stateful_wrapper(self, target_return: Optional[float] = None, action_sampler: Any = None,
+                            rtg_mode: Optional[str] = None) -> StatefulIPDWrapper:  # type: ignore[override]
+        """Stateful policy for d3rlpy's evaluators. No target needed: g_t = V(s_t) unless ``rtg_mode='target'``."""
+        mode = rtg_mode or ("value" if target_return is None else "target")
+        return StatefulIPDWrapper(self, mode, target_return)
+
+    def as_policy(self, action_space: Any = None) -> IPDPolicy:
+        """Stable-Baselines3-style policy: ``predict(obs, state, episode_start, deterministic)``."""
+        return IPDPolicy(self, action_space)
+
+
+register_learnable(IPDConfig)
+
+
+def load_ipd(path: str, device: DeviceArg = None) -> IPD:
+    """``d3rlpy.load_learnable`` with a clear error for files that are not IPD models or are damaged."""
+    try:
+        algo = d3rlpy.load_learnable(path, device=device)
+    except Exception as exc:  # noqa: BLE001 - re-raised with what to do
+        raise ValueError(f"Could not load an IPD model from {path!r}: {type(exc).__name__}: {exc}. The file is "
+                         "truncated, corrupt, or was written by an incompatible version; re-save it with IPD.save.") from exc
+    if not isinstance(algo, IPD):
+        raise ValueError(f"{path!r} holds a {type(algo).__name__}, not an IPD model.")
+    return algo

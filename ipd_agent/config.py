@@ -1,0 +1,91 @@
+"""Configuration of every IPD stage.
+
+Each stage of IPD has its own documented sub-config; ``IPDConfig`` (in ``algo.py``) nests them.
+All of them are d3rlpy ``SerializableConfig`` dataclasses, so the whole algorithm round-trips
+through JSON and ``d3rlpy.load_learnable``.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from d3rlpy.serializable_config import SerializableConfig
+
+__all__ = ["ValueConfig", "WorldModelConfig", "PlannerConfig", "AugmentConfig", "TransformerNetConfig"]
+
+
+@dataclasses.dataclass()
+class ValueConfig(SerializableConfig):
+    """Stage 1: the quasi-optimal value function, trained with d3rlpy's IQL (DESIGN §2.1)."""
+
+    n_steps: int = 50_000  # IQL gradient steps (paper-scale: 1M; CPU profile keeps it cheap)
+    batch_size: int = 256  # IQL mini-batch, d3rlpy default
+    expectile: float = 0.7  # IQL expectile for V; 0.7 is IQL's locomotion setting
+    weight_temp: float = 3.0  # IQL advantage temperature for the policy used as MPC warm start
+    reward_multiplier: float = 1000.0  # d3rlpy's ReturnBasedRewardScaler multiplier (IQL locomotion recipe)
+    hidden_units: tuple = (256, 256)  # MLP width of V, Q and the IQL policy
+
+
+@dataclasses.dataclass()
+class WorldModelConfig(SerializableConfig):
+    """Stage 2: probabilistic ensemble dynamics model (DESIGN §2.2)."""
+
+    n_members: int = 7  # ensemble size E
+    n_elites: int = 5  # members kept by held-out error
+    hidden_size: int = 200  # width of each hidden layer
+    n_layers: int = 4  # number of hidden layers
+    learning_rate: float = 1e-3  # Adam learning rate
+    weight_decay: float = 1e-5  # L2 on weights keeps members smooth off-data
+    batch_size: int = 256  # per-member mini-batch
+    max_steps: int = 20_000  # hard cap on gradient steps
+    eval_every: int = 500  # steps between held-out evaluations (early stopping)
+    patience: int = 6  # evaluations without improvement before stopping
+    holdout_ratio: float = 0.1  # share of transitions held out for early stopping and elites
+    max_holdout: int = 5000  # cap on held-out transitions (keeps evaluation cheap)
+    logvar_bound_coef: float = 0.01  # weight of the learnable log-variance bound penalty (PETS)
+    uncertainty: str = "gjs"  # "gjs": geometric Jensen-Shannon between elites; "disagreement": MOPO-style
+    threshold_quantile: float = 0.95  # kappa = this quantile of U over dataset (s, a)
+    threshold_samples: int = 50_000  # dataset pairs used to estimate kappa
+
+
+@dataclasses.dataclass()
+class PlannerConfig(SerializableConfig):
+    """Stage 4: MPPI inside the world model (DESIGN §2.4)."""
+
+    n_samples: int = 64  # candidate action sequences per branch state (N)
+    horizon: int = 5  # planning horizon H
+    n_iterations: int = 3  # MPPI refinement iterations
+    temperature: float = 0.5  # softmax temperature on standardised candidate scores
+    noise_std: float = 0.3  # exploration noise around the warm-start mean (actions are in [-1, 1])
+    greedy: bool = False  # ablation: execute the IQL policy instead of MPC ("greedy augmentation")
+
+
+@dataclasses.dataclass()
+class AugmentConfig(SerializableConfig):
+    """Stages 3-5: branch-point selection, imaginary rollouts, splicing and acceptance (DESIGN §2.3-2.4)."""
+
+    enabled: bool = True  # False: the "no augmentation" ablation (transformer sees real data only)
+    segment_length: int = 20  # L: steps compared when choosing branch points and max rollout length
+    branch_fraction: float = 0.2  # top share of dataset states by value gap considered as branch points
+    n_branches: int = 2000  # cap on branch points (scales imagined data volume)
+    accept_margin: float = 0.0  # imagined segment must beat the real one by more than this
+    min_rollout_length: int = 1  # shorter imagined segments are rejected
+    chunk_size: int = 512  # branch states planned together (bounds memory)
+
+
+@dataclasses.dataclass()
+class TransformerNetConfig(SerializableConfig):
+    """Stage 6: the value-guided causal transformer policy (DESIGN §2.5)."""
+
+    n_steps: int = 20_000  # transformer gradient steps
+    batch_size: int = 64  # trajectory windows per batch (d3rlpy DT default)
+    hidden_size: int = 128  # token embedding width
+    n_layers: int = 3  # transformer blocks
+    n_heads: int = 1  # attention heads (d3rlpy DT default)
+    dropout: float = 0.1  # dropout on embeddings, attention and residuals
+    learning_rate: float = 1e-4  # AdamW learning rate (d3rlpy DT default)
+    weight_decay: float = 1e-4  # AdamW weight decay
+    warmup_steps: int = 1000  # linear learning-rate warm-up
+    grad_clip: float = 0.25  # gradient norm clip (DT recipe)
+    value_guidance: float = 1.0  # alpha: weight of the -Q(s, pi)/mean|Q| term; 0 disables it
+    imagined_ratio: float = 0.5  # share of each batch drawn from imagined episodes (when any exist)
+    bf16: bool = False  # bf16 autocast on CPUs that support it

@@ -1,0 +1,103 @@
+"""Stage 4a: MPPI inside the world model, batched over branch states × candidates × elites.
+
+One call to ``MPCPlanner.plan`` plans for every given start state at once: candidates are a
+``[B, N, H, act]`` tensor, the model is stepped on ``[elites, B·N, ·]`` tensors, so the only Python
+loops are over the horizon and the MPPI iterations.
+
+A candidate is scored ``Σ_h γ^h r̂_h + γ^H V(ŝ_H)`` with the elites' mean prediction. Where a
+candidate's step is untrusted (U > κ) it is cut before that step and bootstrapped with V of the
+state it reached; after a predicted terminal it earns nothing more and gets no bootstrap.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .config import PlannerConfig
+from .value import ValueFunctions
+from .world_model import WorldModel
+
+__all__ = ["MPCPlanner"]
+
+
+class MPCPlanner:
+    """MPPI planner warm-started from the IQL policy."""
+
+    def __init__(self, world_model: WorldModel, value: ValueFunctions, cfg: PlannerConfig, gamma: float = 0.99,
+                 action_low: float = -1.0, action_high: float = 1.0) -> None:
+        self.wm, self.value, self.cfg, self.gamma = world_model, value, cfg, gamma
+        self.low, self.high = action_low, action_high
+
+    @torch.no_grad()
+    def score(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Model return of action sequences: obs [B, o], actions [B, N, H, a] -> [B, N]."""
+        b, n, h, a = actions.shape
+        s = obs.unsqueeze(1).expand(b, n, obs.shape[-1]).reshape(b * n, -1)
+        acts = actions.reshape(b * n, h, a)
+        kappa = self.wm.threshold
+        ret = torch.zeros(b * n)
+        alive = torch.ones(b * n, dtype=torch.bool)
+        disc = 1.0
+        for t in range(h):
+            mean, logvar, term = self.wm.predict_elites(s, acts[:, t])
+            u = self.wm.uncertainty_from(mean, logvar)
+            cut = alive & (u > kappa)
+            if cut.any():
+                ret = ret + torch.where(cut, disc * self.value.v(s), torch.zeros_like(ret))
+            alive = alive & ~cut
+            nxt, r = self.wm.denormalise(mean.mean(dim=0), s)
+            ret = ret + torch.where(alive, disc * r, torch.zeros_like(ret))
+            alive = alive & ~(term.mean(dim=0) > 0.0)  # predicted terminal: no more reward, no bootstrap
+            disc *= self.gamma
+            s = nxt
+        ret = ret + torch.where(alive, disc * self.value.v(s), torch.zeros_like(ret))
+        return ret.reshape(b, n)
+
+    @torch.no_grad()
+    def warm_start(self, obs: torch.Tensor) -> torch.Tensor:
+        """IQL policy rolled through the mean model: [B, H, a]."""
+        seq, s = [], obs
+        for _ in range(self.cfg.horizon):
+            a = self.value.act(s).clamp(self.low, self.high)
+            seq.append(a)
+            mean, _, _ = self.wm.predict_elites(s, a)
+            s, _ = self.wm.denormalise(mean.mean(dim=0), s)
+        return torch.stack(seq, dim=1)
+
+    @torch.no_grad()
+    def plan(self, obs: torch.Tensor, generator: Optional[torch.Generator] = None,
+             return_info: bool = False):
+        """First action of the best plan for each start state: obs [B, o] -> [B, a].
+
+        With ``return_info`` also returns a dict with the best plan, its score and the warm start's score.
+        """
+        cfg = self.cfg
+        mu = self.warm_start(obs)  # [B, H, a]
+        if cfg.greedy:
+            return (mu[:, 0], {"plan": mu, "score": None, "warm_score": None}) if return_info else mu[:, 0]
+        b, h, a = mu.shape
+        n = cfg.n_samples
+        best_seq, best_score, warm_score = mu, None, None
+        for it in range(cfg.n_iterations):
+            eps = torch.randn((b, n, h, a), generator=generator)
+            cand = (mu.unsqueeze(1) + cfg.noise_std * eps).clamp(self.low, self.high)
+            cand[:, 0] = mu  # the current mean is always a candidate, so MPC never loses to its warm start
+            scores = self.score(obs, cand)  # [B, N]
+            if it == 0:
+                warm_score = scores[:, 0].clone()
+            top, arg = scores.max(dim=1)
+            seq = cand[torch.arange(b), arg]
+            if best_score is None:
+                best_score, best_seq = top, seq
+            else:
+                better = top > best_score
+                best_score = torch.where(better, top, best_score)
+                best_seq = torch.where(better[:, None, None], seq, best_seq)
+            # MPPI update: softmax over standardised scores so the temperature is scale-free
+            z = (scores - top[:, None]) / (scores.std(dim=1, keepdim=True) + 1e-6)
+            w = torch.softmax(z / cfg.temperature, dim=1)
+            mu = (w[:, :, None, None] * cand).sum(dim=1)
+        if return_info:
+            return best_seq[:, 0], {"plan": best_seq, "score": best_score, "warm_score": warm_score}
+        return best_seq[:, 0]

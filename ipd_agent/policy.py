@@ -1,0 +1,142 @@
+"""Stage 7: value-conditioned inference (DESIGN §2.6).
+
+``TransformerContext`` keeps the last K (g, s, a) tokens for each of ``n_envs`` environments and runs
+one batched forward per step. The return token is ``V(s_t)`` at every step (``rtg_mode="value"``), so
+no target return is needed. ``rtg_mode="target"`` is the DT-style alternative on the same discounted
+scale the transformer was trained on: g_0 = target, then g_{t+1} = (g_t − r_t)/γ, the exact inverse
+of the training relabel's ``g_t = r_t + γ·g_{t+1}``.
+
+Two front ends share it:
+* ``StatefulIPDWrapper`` — d3rlpy's stateful protocol (``predict(x, reward)``, ``reset()``), so
+  d3rlpy's ``evaluate_transformer_with_environment`` evaluates IPD exactly as it evaluates DT.
+* ``IPDPolicy`` — the Stable-Baselines3 contract ``predict(observation, state, episode_start,
+  deterministic) -> (action, state)`` for single observations or VecEnv batches.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+__all__ = ["TransformerContext", "StatefulIPDWrapper", "IPDPolicy"]
+
+
+class TransformerContext:
+    """Rolling (g, s, a) windows for several environments, advanced in one batched call."""
+
+    def __init__(self, algo: Any, n_envs: int = 1, rtg_mode: str = "value", target_return: Optional[float] = None):
+        if rtg_mode not in ("value", "target"):
+            raise ValueError(f"rtg_mode must be 'value' or 'target', got {rtg_mode!r}")
+        if rtg_mode == "target" and target_return is None:
+            raise ValueError("rtg_mode='target' needs target_return (a discounted return on the value scale)")
+        impl = algo.impl
+        if impl is None:
+            raise RuntimeError("The algorithm is not built yet: call fit() or load a saved model first.")
+        impl.modules.set_eval()  # deployment: no dropout
+        self.net, self.value, self.gamma = impl.transformer, impl.value, algo.config.gamma
+        self.k, self.obs_dim, self.act_dim = algo.config.context_size, impl.observation_shape[0], impl.action_size
+        self.rtg_mode, self.target_return, self.n_envs = rtg_mode, target_return, n_envs
+        self.reset()
+
+    def reset(self, which: Optional[np.ndarray] = None) -> None:
+        """Clears the context of every environment, or of those where ``which`` is True."""
+        if which is None:
+            self.obs = torch.zeros(self.n_envs, self.k, self.obs_dim)
+            self.act = torch.zeros(self.n_envs, self.k, self.act_dim)
+            self.rtg = torch.zeros(self.n_envs, self.k)
+            self.length = torch.zeros(self.n_envs, dtype=torch.long)
+            self.remaining = torch.full((self.n_envs,), float(self.target_return or 0.0))
+            return
+        w = torch.as_tensor(np.asarray(which, dtype=bool))
+        self.obs[w], self.act[w], self.rtg[w], self.length[w] = 0.0, 0.0, 0.0, 0
+        self.remaining[w] = float(self.target_return or 0.0)
+
+    @torch.no_grad()
+    def step(self, obs: np.ndarray, last_reward: Optional[np.ndarray] = None) -> np.ndarray:
+        """Appends s_t (and the reward r_{t-1} for target mode) and returns a_t for every env: [n, act]."""
+        o = torch.as_tensor(np.asarray(obs, dtype=np.float32)).reshape(self.n_envs, self.obs_dim)
+        started = self.length > 0
+        if self.rtg_mode == "target" and last_reward is not None:
+            r = torch.as_tensor(np.asarray(last_reward, dtype=np.float32)).reshape(self.n_envs)
+            self.remaining = torch.where(started, (self.remaining - r) / self.gamma, self.remaining)
+        full = self.length >= self.k
+        if full.any():  # drop the oldest token of full windows
+            self.obs[full] = torch.roll(self.obs[full], -1, dims=1)
+            self.act[full] = torch.roll(self.act[full], -1, dims=1)
+            self.rtg[full] = torch.roll(self.rtg[full], -1, dims=1)
+        slot = torch.clamp(self.length, max=self.k - 1)
+        rows = torch.arange(self.n_envs)
+        self.obs[rows, slot] = o
+        self.act[rows, slot] = 0.0  # a_t is what we predict; causal attention never lets s_t see it anyway
+        self.rtg[rows, slot] = self.value.v(o) if self.rtg_mode == "value" else self.remaining
+        self.length = torch.clamp(self.length + 1, max=self.k)
+        pred = self.net(self.obs, self.act, self.rtg)[rows, slot]  # right padding follows, causal: no effect
+        self.act[rows, slot] = pred
+        return pred.numpy()
+
+
+class StatefulIPDWrapper:
+    """d3rlpy ``StatefulTransformerAlgoProtocol`` for IPD: ``predict(x, reward) -> action``, ``reset()``."""
+
+    def __init__(self, algo: Any, rtg_mode: str = "value", target_return: Optional[float] = None) -> None:
+        self._algo = algo
+        self._ctx = TransformerContext(algo, 1, rtg_mode, target_return)
+
+    def predict(self, x: np.ndarray, reward: float = 0.0) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if x.shape != (self._ctx.obs_dim,):
+            raise ValueError(f"observation shape {x.shape} does not match the model's ({self._ctx.obs_dim},)")
+        return self._ctx.step(x[None], np.array([reward], np.float32))[0]
+
+    def reset(self) -> None:
+        self._ctx.reset()
+
+    @property
+    def algo(self) -> Any:
+        return self._algo
+
+
+class IPDPolicy:
+    """Stable-Baselines3-style deployable policy backed by a fitted IPD model.
+
+    ``predict`` accepts one observation ``[obs_dim]`` or a VecEnv batch ``[n_envs, obs_dim]`` and keeps one
+    transformer context per environment; contexts are reset where ``episode_start`` is True.
+    """
+
+    def __init__(self, algo: Any, action_space: Any = None) -> None:
+        self.algo = algo
+        self.action_space = action_space
+        self._ctx: Optional[TransformerContext] = None
+
+    @classmethod
+    def load(cls, path: str, action_space: Any = None) -> "IPDPolicy":
+        """Loads a model saved with ``IPD.save`` (same as ``d3rlpy.load_learnable``)."""
+        from .algo import load_ipd
+
+        return cls(load_ipd(path), action_space)
+
+    def predict(self, observation: np.ndarray, state: Any = None, episode_start: Optional[np.ndarray] = None,
+                deterministic: bool = True) -> tuple[np.ndarray, Any]:
+        """Returns (action, state) shaped like the action space (batched when the observation is)."""
+        obs = np.asarray(observation, dtype=np.float32)
+        obs_dim = self.algo.impl.observation_shape[0]
+        single = obs.ndim == 1
+        if obs.shape[-1:] != (obs_dim,) or obs.ndim > 2:
+            raise ValueError(f"observation shape {obs.shape} does not match the model: expected ({obs_dim},) or "
+                             f"(n_envs, {obs_dim})")
+        batch = obs.reshape(-1, obs_dim)
+        n = len(batch)
+        if self._ctx is None or self._ctx.n_envs != n:
+            self._ctx = TransformerContext(self.algo, n, "value")
+        if episode_start is not None:
+            starts = np.asarray(episode_start, dtype=bool).reshape(n)
+            if starts.any():
+                self._ctx.reset(starts)
+        act = self._ctx.step(batch)
+        if self.action_space is not None:
+            act = np.clip(act, self.action_space.low, self.action_space.high).astype(self.action_space.dtype)
+        return (act[0] if single else act), None
+
+    def reset(self) -> None:
+        self._ctx = None

@@ -1,0 +1,169 @@
+"""Stage 6: the value-guided causal transformer (DESIGN §2.5).
+
+* ``value_returns_to_go`` relabels every episode backwards, ``g_t = r_t + γ·max(g_{t+1}, V(s_{t+1}))``,
+  so return tokens live on the value function's (discounted) scale; the last row bootstraps with
+  ``V(s_end)`` unless it is a true terminal.
+* ``WindowSampler`` keeps the whole training set as flat tensors and cuts context windows with one
+  gather — no per-sample slicing.
+* ``CausalTransformer`` reads (g_t, s_t, a_t) token triples and predicts a_t from the s_t token,
+  using fused ``scaled_dot_product_attention`` with a causal mask.
+
+Windows start at any step and are right-padded at episode ends; with causal attention padding only
+ever follows real tokens, so a window of n real steps is seen exactly as an n-step context at
+inference (positions 0..n-1) — the same convention in training and deployment.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TransformerNetConfig
+from .data import Trajectories
+
+__all__ = ["value_returns_to_go", "WindowSampler", "CausalTransformer", "value_guided_loss"]
+
+
+def value_returns_to_go(traj: Trajectories, v_next: np.ndarray, gamma: float) -> np.ndarray:
+    """QDT-style relabel: g_t = r_t + γ·max(g_{t+1}, V(s_{t+1})); last row: r + γ·V(s_end)·(1 − terminal).
+
+    Vectorised over episodes: rows are processed in groups by their distance to the episode end.
+    """
+    n = traj.n_transitions
+    g = np.zeros(n, dtype=np.float64)
+    r = traj.rewards.astype(np.float64)
+    v = v_next.astype(np.float64)
+    ends = traj.episode_starts[1:][traj.episode_ids]  # exclusive end row of each row's episode
+    dist = ends - 1 - np.arange(n)  # 0 on each episode's last row
+    order = np.argsort(dist, kind="stable")
+    bounds = np.searchsorted(dist[order], np.arange(dist.max() + 2))
+    last = order[bounds[0]:bounds[1]]
+    g[last] = r[last] + gamma * np.where(traj.terminals[last], 0.0, v[last])
+    for d in range(1, int(dist.max()) + 1):
+        rows = order[bounds[d]:bounds[d + 1]]
+        g[rows] = r[rows] + gamma * np.maximum(g[rows + 1], v[rows])
+    return g.astype(np.float32)
+
+
+class WindowSampler:
+    """Samples [B, K] context windows from flat tensors; real and imagined pools mixed by ratio."""
+
+    def __init__(self, traj: Trajectories, rtg: np.ndarray, context: int, imagined_ratio: float,
+                 n_real_episodes: Optional[int] = None, seed: int = 0) -> None:
+        self.k = context
+        self.obs = torch.from_numpy(traj.observations)
+        self.act = torch.from_numpy(traj.actions)
+        self.rtg = torch.from_numpy(rtg.astype(np.float32))
+        ep = traj.episode_ids
+        self.ep_end = torch.from_numpy(traj.episode_starts[1:][ep])  # exclusive end per row
+        n_real = traj.n_episodes if n_real_episodes is None else n_real_episodes
+        real_rows = np.arange(traj.episode_starts[n_real])
+        # imagined pool: window starts whose window reaches the imagined part of a spliced episode
+        spliced = ep >= n_real
+        first_im = np.full(traj.n_episodes, np.iinfo(np.int64).max)
+        im_rows = np.flatnonzero(traj.imagined)
+        np.minimum.at(first_im, ep[im_rows], im_rows)
+        im_start = spliced & (np.arange(traj.n_transitions) >= first_im[ep] - context + 1)
+        im_start &= np.arange(traj.n_transitions) >= traj.episode_starts[ep]
+        self.real_pool = torch.from_numpy(real_rows)
+        self.im_pool = torch.from_numpy(np.flatnonzero(im_start))
+        self.ratio = imagined_ratio if len(self.im_pool) else 0.0
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def sample(self, batch: int):
+        """obs [B, K, o], act [B, K, a], rtg [B, K], mask [B, K] (1 where a real token)."""
+        n_im = int(round(batch * self.ratio))
+        parts = [self.real_pool[torch.randint(0, len(self.real_pool), (batch - n_im,), generator=self.gen)]]
+        if n_im:
+            parts.append(self.im_pool[torch.randint(0, len(self.im_pool), (n_im,), generator=self.gen)])
+        start = torch.cat(parts)
+        idx = start[:, None] + torch.arange(self.k)[None, :]
+        mask = idx < self.ep_end[start][:, None]
+        idx = torch.where(mask, idx, start[:, None])  # padded slots point at a real row; masked out of the loss
+        return self.obs[idx], self.act[idx], self.rtg[idx], mask
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with fused causal attention."""
+
+    def __init__(self, d: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.heads, self.dropout = heads, dropout
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(b, t, d)))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class CausalTransformer(nn.Module):
+    """(g, s, a) token triples -> a_t predicted from the s_t token, tanh-bounded."""
+
+    def __init__(self, obs_dim: int, act_dim: int, context: int, cfg: TransformerNetConfig) -> None:
+        super().__init__()
+        d = cfg.hidden_size
+        if d % cfg.n_heads:
+            raise ValueError(f"transformer.hidden_size ({d}) must be divisible by n_heads ({cfg.n_heads})")
+        self.context = context
+        self.embed_rtg = nn.Linear(1, d)
+        self.embed_obs = nn.Linear(obs_dim, d)
+        self.embed_act = nn.Linear(act_dim, d)
+        self.pos = nn.Parameter(torch.zeros(1, context, d))  # position inside the window
+        self.kind = nn.Parameter(torch.zeros(3, d))  # token type: return, state, action
+        self.ln_in = nn.LayerNorm(d)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(d, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers))
+        self.ln_out = nn.LayerNorm(d)
+        self.head = nn.Linear(d, act_dim)
+        nn.init.normal_(self.pos, std=0.02)
+        nn.init.normal_(self.kind, std=0.02)
+        # normalisation of inputs, set from the training data and saved with the model
+        self.register_buffer("obs_mean", torch.zeros(obs_dim))
+        self.register_buffer("obs_std", torch.ones(obs_dim))
+        self.register_buffer("rtg_scale", torch.ones(()))
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor, rtg: torch.Tensor) -> torch.Tensor:
+        """obs [B, T, o], act [B, T, a], rtg [B, T] with T <= context -> actions [B, T, a]."""
+        b, t, _ = obs.shape
+        pos = self.pos[:, :t]
+        g = self.embed_rtg((rtg / self.rtg_scale).unsqueeze(-1)) + pos + self.kind[0]
+        s = self.embed_obs((obs - self.obs_mean) / self.obs_std) + pos + self.kind[1]
+        a = self.embed_act(act) + pos + self.kind[2]
+        x = torch.stack([g, s, a], dim=2).reshape(b, 3 * t, -1)  # g_0 s_0 a_0 g_1 s_1 a_1 ...
+        x = self.drop(self.ln_in(x))
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.ln_out(x).reshape(b, t, 3, -1)[:, :, 1]  # outputs at the state tokens
+        return torch.tanh(self.head(x))
+
+
+def value_guided_loss(pred: torch.Tensor, act: torch.Tensor, obs: torch.Tensor, mask: torch.Tensor,
+                      q_fn, alpha: float) -> tuple[torch.Tensor, dict]:
+    """L = E‖a − π‖² − α·Q(s, π)/mean|Q| over real (unpadded) tokens (QT-style normalisation)."""
+    m = mask.float()
+    denom = m.sum().clamp_min(1.0)
+    bc = (((pred - act) ** 2).sum(-1) * m).sum() / denom
+    metrics = {"bc_loss": float(bc)}
+    if alpha <= 0.0:
+        return bc, metrics
+    q = q_fn(obs, pred)
+    q_scale = (q.abs() * m).sum().detach() / denom
+    q_term = (q * m).sum() / denom / (q_scale + 1e-6)
+    metrics["q_pi"] = float((q * m).sum() / denom)
+    return bc - alpha * q_term, metrics
+
+
+def lr_lambda(warmup: int):
+    return lambda step: min(1.0, (step + 1) / max(1, warmup))
