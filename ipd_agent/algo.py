@@ -311,7 +311,7 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         traj = aug.trajectories
         net = impl.transformer
         v_next = batched_values(impl.value, traj.next_observations)
-        rtg = value_returns_to_go(traj, v_next, cfg.gamma)
+        rtg = value_returns_to_go(traj, v_next, cfg.gamma, tcfg.rtg_relabel)
         if not impl.stages.is_done("transformer"):  # input normalisation from the training data, fixed after
             with torch.no_grad():
                 real = ~traj.imagined
@@ -348,7 +348,7 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
                 step += 1
                 self._grad_step += 1
                 impl.stages.transformer_steps += 1
-                metrics["loss"] = float(loss)
+                metrics["loss"] = loss.item()
                 last = metrics
                 for k, v in metrics.items():
                     logger.add_metric(k, v)

@@ -21,6 +21,7 @@ class ValueConfig(SerializableConfig):
     batch_size: int = 256  # IQL mini-batch, d3rlpy default
     expectile: float = 0.7  # IQL expectile for V; 0.7 is IQL's locomotion setting
     weight_temp: float = 3.0  # IQL advantage temperature for the policy used as MPC warm start
+    tau: float = 0.005  # IQL target-network update rate; larger propagates values faster on short CPU budgets
     reward_multiplier: float = 1000.0  # d3rlpy's ReturnBasedRewardScaler multiplier (IQL locomotion recipe)
     hidden_units: tuple = (256, 256)  # MLP width of V, Q and the IQL policy
 
@@ -87,5 +88,6 @@ class TransformerNetConfig(SerializableConfig):
     warmup_steps: int = 1000  # linear learning-rate warm-up
     grad_clip: float = 0.25  # gradient norm clip (DT recipe)
     value_guidance: float = 1.0  # alpha: weight of the -Q(s, pi)/mean|Q| term; 0 disables it
+    rtg_relabel: str = "max"  # return tokens: "max" = QDT relabel r + γ·max(g', V(s')); "one_step" = r + γ·V(s')
     imagined_ratio: float = 0.5  # share of each batch drawn from imagined episodes (when any exist)
     bf16: bool = False  # bf16 autocast on CPUs that support it

@@ -271,6 +271,7 @@ def load_minari(dataset: Any) -> tuple["Trajectories", dict]:
         if k in md:
             meta[k] = md[k]
     try:
+        meta["env_spec"] = dataset.spec.env_spec  # includes wrappers such as RescaleAction
         meta["env_id"] = dataset.spec.env_spec.id
     except Exception:  # noqa: BLE001 - datasets without an env spec are fine
         pass

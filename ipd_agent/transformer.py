@@ -28,11 +28,19 @@ from .data import Trajectories
 __all__ = ["value_returns_to_go", "WindowSampler", "CausalTransformer", "value_guided_loss"]
 
 
-def value_returns_to_go(traj: Trajectories, v_next: np.ndarray, gamma: float) -> np.ndarray:
-    """QDT-style relabel: g_t = r_t + γ·max(g_{t+1}, V(s_{t+1})); last row: r + γ·V(s_end)·(1 − terminal).
+def value_returns_to_go(traj: Trajectories, v_next: np.ndarray, gamma: float, mode: str = "max") -> np.ndarray:
+    """Return tokens on the value function's scale.
+
+    ``mode="max"`` (QDT-style, DESIGN §2.5): g_t = r_t + γ·max(g_{t+1}, V(s_{t+1})); last row r + γ·V(s_end)·(1 − terminal).
+    ``mode="one_step"``: g_t = r_t + γ·V(s_{t+1})·(1 − terminal_t), a one-step Q estimate whose scale matches V
+    by construction, so conditioning on V(s_t) stays in-distribution even when V is under-trained.
 
     Vectorised over episodes: rows are processed in groups by their distance to the episode end.
     """
+    if mode == "one_step":
+        return (traj.rewards + gamma * np.where(traj.terminals, 0.0, v_next)).astype(np.float32)
+    if mode != "max":
+        raise ValueError(f"unknown return-token relabel {mode!r}: use 'max' or 'one_step'")
     n = traj.n_transitions
     g = np.zeros(n, dtype=np.float64)
     r = traj.rewards.astype(np.float64)
@@ -155,13 +163,13 @@ def value_guided_loss(pred: torch.Tensor, act: torch.Tensor, obs: torch.Tensor, 
     m = mask.float()
     denom = m.sum().clamp_min(1.0)
     bc = (((pred - act) ** 2).sum(-1) * m).sum() / denom
-    metrics = {"bc_loss": float(bc)}
+    metrics = {"bc_loss": bc.item()}
     if alpha <= 0.0:
         return bc, metrics
     q = q_fn(obs, pred)
     q_scale = (q.abs() * m).sum().detach() / denom
     q_term = (q * m).sum() / denom / (q_scale + 1e-6)
-    metrics["q_pi"] = float((q * m).sum() / denom)
+    metrics["q_pi"] = ((q * m).sum() / denom).item()
     return bc - alpha * q_term, metrics
 
 

@@ -24,6 +24,7 @@ def make_iql(cfg: ValueConfig, device: str) -> "d3rlpy.algos.IQL":
         batch_size=cfg.batch_size,
         expectile=cfg.expectile,
         weight_temp=cfg.weight_temp,
+        tau=cfg.tau,
         actor_encoder_factory=enc,
         critic_encoder_factory=enc,
         value_encoder_factory=enc,

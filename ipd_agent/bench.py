@@ -1,0 +1,239 @@
+"""Head-to-head benchmark harness: IPD and d3rlpy baselines on the same data, budget and evaluation.
+
+Every run trains one algorithm on one Minari dataset with one seed, evaluates the *last* iterate
+for ``eval_episodes`` episodes with d3rlpy's own environment evaluators, and writes one JSON row
+(score, normalised score, wall time, budget, versions, exact config). Finished runs are skipped,
+so a sweep can be stopped and resumed. Runs go to a process pool, one torch thread each.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Any, Optional
+
+import numpy as np
+
+__all__ = ["Profile", "load_profile", "run_one", "run_sweep", "summarise", "markdown_table", "ALGOS"]
+
+ALGOS = ("ipd", "dt", "iql", "cql", "td3bc", "bc")
+
+
+@dataclasses.dataclass
+class Profile:
+    """A compute budget shared by every algorithm in a sweep."""
+
+    name: str = "cpu"
+    q_steps: int = 20_000  # gradient steps for CQL / IQL / TD3+BC / BC (and IPD's IQL stage)
+    transformer_steps: int = 10_000  # gradient steps for DT and IPD's transformer
+    transformer_hidden: int = 64  # embedding width of DT and IPD's transformer (same size for both)
+    transformer_layers: int = 2  # blocks of DT and IPD's transformer
+    eval_episodes: int = 10  # evaluation episodes of the last iterate
+    dt_target_return: dict = dataclasses.field(default_factory=lambda: {"Hopper": 3600.0, "HalfCheetah": 12000.0,
+                                                                          "Walker2d": 5000.0})
+    ipd: dict = dataclasses.field(default_factory=dict)  # IPDConfig overrides (nested dicts)
+    threads: int = 1  # torch threads per run
+
+
+def load_profile(path_or_name: str) -> Profile:
+    """A profile from a JSON file, or a built-in one: 'cpu', 'gpu' or 'tiny'."""
+    if os.path.exists(path_or_name):
+        with open(path_or_name) as f:
+            return Profile(**json.load(f))
+    here = os.path.join(os.path.dirname(__file__), "profiles", f"{path_or_name}.json")
+    if os.path.exists(here):
+        with open(here) as f:
+            return Profile(**json.load(f))
+    raise FileNotFoundError(f"No profile {path_or_name!r}: pass a JSON file or one of cpu, gpu, tiny.")
+
+
+def versions() -> dict:
+    import d3rlpy
+    import gymnasium
+    import minari
+    import mujoco
+    import torch
+
+    from . import __version__
+
+    return {"ipd_agent": __version__, "d3rlpy": d3rlpy.__version__, "torch": torch.__version__,
+            "gymnasium": gymnasium.__version__, "mujoco": mujoco.__version__, "minari": minari.__version__,
+            "python": platform.python_version(), "machine": platform.processor() or platform.machine()}
+
+
+def make_ipd_config(profile: Profile, seed: int, overrides: Optional[dict] = None):
+    from .algo import IPDConfig
+
+    cfg: dict[str, Any] = {
+        "seed": seed,
+        "value": {"n_steps": profile.q_steps},
+        "transformer": {"n_steps": profile.transformer_steps, "hidden_size": profile.transformer_hidden,
+                        "n_layers": profile.transformer_layers},
+    }
+    for src in (profile.ipd, overrides or {}):
+        for k, v in src.items():
+            if isinstance(v, dict):
+                cfg.setdefault(k, {}).update(v)
+            else:
+                cfg[k] = v
+    return IPDConfig(**cfg)
+
+
+def _baseline(name: str, profile: Profile, device: str):
+    import d3rlpy
+
+    if name == "dt":
+        return d3rlpy.algos.DecisionTransformerConfig(
+            batch_size=64,
+            learning_rate=1e-4,
+            optim_factory=d3rlpy.optimizers.AdamWFactory(
+                weight_decay=1e-4, clip_grad_norm=0.25,
+                lr_scheduler_factory=d3rlpy.optimizers.WarmupSchedulerFactory(warmup_steps=1000)),
+            encoder_factory=d3rlpy.models.VectorEncoderFactory([profile.transformer_hidden],
+                                                               exclude_last_activation=True),
+            observation_scaler=d3rlpy.preprocessing.StandardObservationScaler(),
+            reward_scaler=d3rlpy.preprocessing.MultiplyRewardScaler(0.001),
+            position_encoding_type=d3rlpy.PositionEncodingType.GLOBAL,
+            context_size=20, num_heads=1, num_layers=profile.transformer_layers, max_timestep=1000,
+        ).create(device=device)
+    if name == "iql":
+        return d3rlpy.algos.IQLConfig(
+            reward_scaler=d3rlpy.preprocessing.ReturnBasedRewardScaler(multiplier=1000.0)).create(device=device)
+    if name == "cql":
+        return d3rlpy.algos.CQLConfig().create(device=device)
+    if name == "td3bc":
+        return d3rlpy.algos.TD3PlusBCConfig(
+            observation_scaler=d3rlpy.preprocessing.StandardObservationScaler()).create(device=device)
+    if name == "bc":
+        return d3rlpy.algos.BCConfig().create(device=device)
+    raise ValueError(f"unknown algorithm {name!r}; choose from {ALGOS}")
+
+
+def evaluate(algo: Any, env_id: Any, episodes: int, seed: int, transformer_target: Optional[float] = None) -> list:
+    """Returns of ``episodes`` episodes with d3rlpy's evaluators (seeded env); ``env_id`` may be an EnvSpec."""
+    import gymnasium as gym
+    from d3rlpy.metrics import evaluate_qlearning_with_environment, evaluate_transformer_with_environment
+
+    from .algo import IPD
+
+    env = gym.make(env_id)
+    env.reset(seed=10_000 + seed)
+    env.action_space.seed(seed)
+    rets = []
+    for _ in range(episodes):  # one episode per call so every return is recorded
+        if isinstance(algo, IPD):
+            rets.append(evaluate_transformer_with_environment(algo.as_stateful_wrapper(), env, n_trials=1))
+        elif transformer_target is not None:
+            rets.append(evaluate_transformer_with_environment(algo.as_stateful_wrapper(transformer_target), env,
+                                                              n_trials=1))
+        else:
+            rets.append(evaluate_qlearning_with_environment(algo, env, n_trials=1))
+    env.close()
+    return rets
+
+
+def run_one(algo_name: str, dataset_id: str, seed: int, profile: Profile, out_dir: str, tag: str = "",
+            ipd_overrides: Optional[dict] = None, dataset_root: Optional[str] = None) -> dict:
+    """Trains and evaluates one (algorithm, dataset, seed); skips it if its result file exists."""
+    import torch
+
+    torch.set_num_threads(profile.threads)
+    label = algo_name + (f"-{tag}" if tag else "")
+    path = os.path.join(out_dir, "runs", dataset_id.replace("/", "__"), f"{label}_seed{seed}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    if dataset_root:
+        os.environ["MINARI_DATASETS_PATH"] = dataset_root
+    import d3rlpy
+
+    from .data import load_minari, normalized_score, reference_scores
+
+    traj, meta = load_minari(dataset_id)
+    env_id = meta["env_id"]
+    ref = reference_scores(meta)
+    d3rlpy.seed(seed)
+    logdir = os.path.join(out_dir, "logs")
+    adapter = d3rlpy.logging.FileAdapterFactory(root_dir=logdir)
+    t0 = time.perf_counter()
+    stage_times, extra, config = {}, {}, {}
+    target = None
+    if algo_name == "ipd":
+        cfg = make_ipd_config(profile, seed, ipd_overrides)
+        algo = cfg.create(device="cpu:0")
+        out = algo.fit(traj, n_steps=profile.transformer_steps, n_steps_per_epoch=max(1, profile.transformer_steps),
+                       experiment_name=f"{label}_{dataset_id.replace('/', '_')}_s{seed}", logger_adapter=adapter,
+                       show_progress=False)
+        stage_times, extra = out["stage_times"], {"augmentation": out["augmentation"]}
+        config = json.loads(cfg.serialize())
+    else:
+        algo = _baseline(algo_name, profile, "cpu:0")
+        ds = traj.to_d3rlpy()
+        steps = profile.transformer_steps if algo_name == "dt" else profile.q_steps
+        algo.fit(ds, n_steps=steps, n_steps_per_epoch=steps, experiment_name=f"{label}_{dataset_id.replace('/', '_')}_s{seed}",
+                 logger_adapter=adapter, show_progress=False, save_interval=10**9)
+        config = json.loads(algo.config.serialize())
+        if algo_name == "dt":
+            target = next((v for k, v in profile.dt_target_return.items() if env_id.startswith(k)), 3600.0)
+    train_time = time.perf_counter() - t0
+    rets = evaluate(algo, meta.get("env_spec") or env_id, profile.eval_episodes, seed, target)
+    scores = [normalized_score(r, ref) for r in rets]
+    row = {
+        "algo": label, "dataset": dataset_id, "env_id": env_id, "seed": seed,
+        "return_mean": float(np.mean(rets)), "returns": [float(r) for r in rets],
+        "normalized_score": float(np.mean(scores)), "train_wall_time_s": train_time,
+        "stage_times_s": stage_times, "profile": dataclasses.asdict(profile),
+        "gradient_steps": profile.transformer_steps if algo_name in ("ipd", "dt") else profile.q_steps,
+        "versions": versions(), "config": config, **extra,
+    }
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(row, f, indent=1)
+    os.replace(tmp, path)  # atomic: a half-written result is never read as finished
+    return row
+
+
+def run_sweep(jobs: list[dict], profile: Profile, out_dir: str, workers: int = 2, dataset_root: Optional[str] = None,
+              show_progress: bool = True) -> list[dict]:
+    """Runs jobs ``{"algo", "dataset", "seed", ["tag", "ipd_overrides"]}`` in parallel processes."""
+    from tqdm.auto import tqdm
+
+    rows = []
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futs = {pool.submit(run_one, j["algo"], j["dataset"], j["seed"], profile, out_dir, j.get("tag", ""),
+                            j.get("ipd_overrides"), dataset_root): j for j in jobs}
+        for fut in tqdm(as_completed(futs), total=len(futs), desc="runs", disable=not show_progress):
+            row = fut.result()
+            rows.append(row)
+            if show_progress:
+                tqdm.write(f"{row['algo']:>14s} {row['dataset']:<40s} seed {row['seed']}: "
+                           f"{row['normalized_score']:6.1f} ({row['train_wall_time_s']:.0f}s)")
+    return rows
+
+
+def summarise(rows: list[dict]) -> dict:
+    """{dataset: {algo: (mean, std, n)}} of normalised scores."""
+    out: dict = {}
+    for r in rows:
+        out.setdefault(r["dataset"], {}).setdefault(r["algo"], []).append(r["normalized_score"])
+    return {d: {a: (float(np.mean(v)), float(np.std(v)), len(v)) for a, v in algos.items()} for d, algos in out.items()}
+
+
+def markdown_table(rows: list[dict], algos: Optional[list[str]] = None) -> str:
+    summ = summarise(rows)
+    algos = algos or sorted({r["algo"] for r in rows})
+    lines = ["| dataset | " + " | ".join(algos) + " |", "|---|" + "---|" * len(algos)]
+    for d in sorted(summ):
+        cells = []
+        for a in algos:
+            if a in summ[d]:
+                m, s, n = summ[d][a]
+                cells.append(f"{m:.1f} ± {s:.1f}")
+            else:
+                cells.append("–")
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

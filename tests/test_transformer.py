@@ -1,0 +1,224 @@
+"""The value-guided causal transformer: causality, return tokens, inference convention, Q guidance."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ipd_agent import Trajectories
+from ipd_agent.config import TransformerNetConfig
+from ipd_agent.policy import TransformerContext
+from ipd_agent.transformer import CausalTransformer, WindowSampler, value_guided_loss, value_returns_to_go
+
+OD, AD, K = 4, 2, 6
+
+
+def _net(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = TransformerNetConfig(hidden_size=32, n_layers=2, n_heads=2, dropout=0.1, **kw)
+    return CausalTransformer(OD, AD, K, cfg).eval()
+
+
+def _tokens(b=3, t=K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, t, OD, generator=g), torch.rand(b, t, AD, generator=g) * 2 - 1,
+            torch.randn(b, t, generator=g))
+
+
+@torch.no_grad()
+def test_changing_a_later_step_never_changes_earlier_actions():
+    net = _net()
+    obs, act, rtg = _tokens()
+    base = net(obs, act, rtg)
+    assert base.shape == (3, K, AD) and torch.all(base.abs() <= 1)
+    for k in range(K):
+        for which in ("obs", "act", "rtg"):
+            o, a, g = obs.clone(), act.clone(), rtg.clone()
+            {"obs": o, "act": a, "rtg": g}[which][:, k] += 3.0
+            out = net(o, a, g)
+            torch.testing.assert_close(out[:, :k], base[:, :k], rtol=0, atol=1e-6)
+            if which == "act":
+                # a_k comes after s_k: it may not influence the prediction of a_k itself ...
+                torch.testing.assert_close(out[:, k], base[:, k], rtol=0, atol=1e-6)
+                if k + 1 < K:  # ... but it is context for the next step
+                    assert not torch.allclose(out[:, k + 1], base[:, k + 1], atol=1e-4)
+            else:
+                assert not torch.allclose(out[:, k], base[:, k], atol=1e-4), (which, k)
+
+
+@torch.no_grad()
+def test_short_windows_equal_the_prefix_of_long_windows():
+    """Right padding after n real steps never changes the first n outputs (training = inference context)."""
+    net = _net(1)
+    obs, act, rtg = _tokens(seed=1)
+    full = net(obs, act, rtg)
+    for n in range(1, K + 1):
+        torch.testing.assert_close(net(obs[:, :n], act[:, :n], rtg[:, :n]), full[:, :n], rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_is_active_only_in_training():
+    net = _net(2)
+    obs, act, rtg = _tokens(seed=2)
+    net.train()
+    assert not torch.equal(net(obs, act, rtg), net(obs, act, rtg))
+    net.eval()
+    assert torch.equal(net(obs, act, rtg), net(obs, act, rtg))
+
+
+def _random_traj(rng, lengths_terms) -> Trajectories:
+    eps = [{"observations": rng.normal(size=(n + 1, OD)), "actions": rng.uniform(-1, 1, (n, AD)),
+            "rewards": rng.normal(size=n), "terminated": term} for n, term in lengths_terms]
+    return Trajectories.from_episodes(eps)
+
+
+def test_value_returns_to_go_match_a_naive_backwards_loop():
+    rng = np.random.default_rng(0)
+    traj = _random_traj(rng, [(5, True), (1, False), (9, False), (3, True), (14, True), (2, False)])
+    v_next = rng.normal(size=traj.n_transitions).astype(np.float32) * 2
+    gamma = 0.95
+    got = value_returns_to_go(traj, v_next, gamma)
+    assert got.dtype == np.float32 and got.shape == (traj.n_transitions,)
+    expected = np.zeros(traj.n_transitions)
+    for e in range(traj.n_episodes):
+        s, end = traj.episode_starts[e], traj.episode_starts[e + 1]
+        last = end - 1
+        expected[last] = traj.rewards[last] + gamma * v_next[last] * (1.0 - float(traj.terminals[last]))
+        for t in range(last - 1, s - 1, -1):
+            expected[t] = traj.rewards[t] + gamma * max(expected[t + 1], v_next[t])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_target_mode_inverts_the_training_relabel_exactly(fitted):
+    """With V out of the way the training relabel is g_t = r_t + γ·g_{t+1}; target-mode inference must walk
+    the same tokens forward: g_{t+1} = (g_t − r_t)/γ."""
+    algo = fitted.algo
+    traj, gamma, k = fitted.traj, algo.config.gamma, algo.config.context_size
+    e = int(np.flatnonzero(traj.episode_lengths >= 3 * k)[0])
+    ep = Trajectories.from_episodes([{
+        "observations": np.concatenate([traj.episode(e)["observations"], traj.episode(e)["next_observations"][-1:]]),
+        "actions": traj.episode(e)["actions"], "rewards": traj.episode(e)["rewards"], "terminated": True}])
+    g_train = value_returns_to_go(ep, np.full(ep.n_transitions, -1e9, np.float32), gamma).astype(np.float64)
+    ctx = TransformerContext(algo, 1, "target", target_return=float(g_train[0]))
+    tokens = []
+    for t in range(ep.n_transitions):
+        r_prev = np.array([ep.rewards[t - 1] if t else 0.0], np.float32)
+        ctx.step(ep.observations[t][None], r_prev)
+        tokens.append(float(ctx.rtg[0, min(t, k - 1)]))
+    np.testing.assert_allclose(tokens, g_train, rtol=1e-3, atol=1e-3)
+    # and step by step it is exactly the decrement rule
+    for t in range(1, len(tokens)):
+        assert tokens[t] == pytest.approx((tokens[t - 1] - float(ep.rewards[t - 1])) / gamma, rel=1e-5, abs=1e-5)
+
+
+def test_stateful_wrapper_equals_feeding_the_windows_directly(fitted):
+    """Value mode: g_t = V(s_t) and the last K steps, exactly as a training window would present them."""
+    algo = fitted.algo
+    impl, k = algo.impl, algo.config.context_size
+    ep = fitted.traj.episode(int(np.flatnonzero(fitted.traj.episode_lengths >= 3 * k)[0]))
+    obs = ep["observations"]
+    w = algo.as_stateful_wrapper()
+    acts = np.asarray([w.predict(o, float(r)) for o, r in zip(obs, ep["rewards"])])
+    with torch.no_grad():
+        v = impl.value.v(torch.from_numpy(obs))
+        for t in range(len(obs)):
+            lo = max(0, t - k + 1)
+            o = torch.from_numpy(obs[None, lo:t + 1])
+            a = torch.from_numpy(acts[None, lo:t + 1].copy())
+            a[:, -1] = 0.0  # the current action token is unknown at inference (and invisible to s_t anyway)
+            direct = impl.transformer(o, a, v[None, lo:t + 1])[0, -1].numpy()
+            np.testing.assert_allclose(acts[t], direct, atol=1e-5, err_msg=f"step {t}")
+    # the context really holds V(s) as return tokens
+    ctx = w._ctx
+    torch.testing.assert_close(ctx.rtg[0], v[-k:])
+    torch.testing.assert_close(ctx.obs[0], torch.from_numpy(obs[-k:]))
+
+
+def test_window_sampler_respects_episodes_and_mixes_imagined_windows():
+    rng = np.random.default_rng(3)
+    traj = _random_traj(rng, [(4, True), (9, False), (2, False), (12, True)])
+    n_real = traj.n_episodes
+    # one spliced episode: 3 real prefix rows then 5 imagined rows
+    pre = traj.episode(1)
+    im = Trajectories.from_episodes([{"observations": rng.normal(size=(9, OD)), "actions": rng.uniform(-1, 1, (8, AD)),
+                                      "rewards": rng.normal(size=8), "terminated": False}])
+    im.observations[:3] = pre["observations"][:3]
+    im.imagined = np.arange(8) >= 3
+    im.branch_ids = np.where(im.imagined, 0, -1)
+    full = Trajectories.concatenate([traj, im])
+    full.observations[:, 0] = np.arange(full.n_transitions)  # tag each row with its index
+    rtg = np.arange(full.n_transitions, dtype=np.float32)
+    sampler = WindowSampler(full, rtg, context=5, imagined_ratio=0.5, n_real_episodes=n_real, seed=0)
+    obs, act, g, mask = sampler.sample(400)
+    assert obs.shape == (400, 5, OD) and act.shape == (400, 5, AD) and g.shape == (400, 5) and mask.shape == (400, 5)
+    rows = obs[..., 0].long().numpy()
+    start = rows[:, 0]
+    ep_of = full.episode_ids
+    m = mask.numpy()
+    assert m[:, 0].all()
+    for i in range(400):
+        n = int(m[i].sum())
+        assert np.all(m[i, :n]) and not np.any(m[i, n:])  # real tokens first, padding after
+        np.testing.assert_array_equal(rows[i, :n], start[i] + np.arange(n))  # consecutive rows
+        assert np.all(ep_of[rows[i, :n]] == ep_of[start[i]])  # never crosses an episode boundary
+        end = full.episode_starts[ep_of[start[i]] + 1]
+        assert n == min(5, end - start[i])  # uses every step left in the episode
+    np.testing.assert_array_equal(g.numpy()[m], rows[m].astype(np.float32))
+    reaches_imagined = np.array([full.imagined[rows[i, m[i]]].any() for i in range(400)])
+    assert reaches_imagined.sum() == 200  # imagined_ratio of the batch
+    assert np.all(start[~reaches_imagined] < full.episode_starts[n_real])  # the rest comes from real episodes
+
+
+def test_value_guided_loss_formula():
+    g = torch.Generator().manual_seed(0)
+    pred = torch.rand(4, 5, AD, generator=g) * 2 - 1
+    act = torch.rand(4, 5, AD, generator=g) * 2 - 1
+    obs = torch.randn(4, 5, OD, generator=g)
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    mask[3, 1:] = False
+
+    def q_fn(o, a):
+        return a[..., 0] + 0.5 * o[..., 0]
+
+    bc_naive = np.mean([float(((pred[i, j] - act[i, j]) ** 2).sum()) for i in range(4) for j in range(5) if mask[i, j]])
+    qs = [float(q_fn(obs[i, j], pred[i, j])) for i in range(4) for j in range(5) if mask[i, j]]
+    loss0, m0 = value_guided_loss(pred, act, obs, mask, q_fn, 0.0)
+    assert float(loss0) == pytest.approx(bc_naive, rel=1e-5)
+    assert "q_pi" not in m0
+    loss1, m1 = value_guided_loss(pred, act, obs, mask, q_fn, 0.7)
+    assert float(loss1) == pytest.approx(bc_naive - 0.7 * np.mean(qs) / np.mean(np.abs(qs)), rel=1e-4)
+    assert m1["q_pi"] == pytest.approx(np.mean(qs), rel=1e-5)
+
+
+def _train(alpha: float, steps: int = 150):
+    """Trains a small transformer on uniformly random behaviour actions with q(s, a) = a_0."""
+    rng = np.random.default_rng(0)
+    traj = _random_traj(rng, [(30, False)] * 20)
+    rtg = rng.normal(size=traj.n_transitions).astype(np.float32)
+    net = _net(5)
+    net.train()
+    sampler = WindowSampler(traj, rtg, context=K, imagined_ratio=0.0, seed=0)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+
+    def q_fn(o, a):
+        return a[..., 0]
+
+    torch.manual_seed(1)
+    for _ in range(steps):
+        obs, act, g, mask = sampler.sample(32)
+        loss, _ = value_guided_loss(net(obs, act, g), act, obs, mask, q_fn, alpha)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        obs, act, g, mask = WindowSampler(traj, rtg, context=K, imagined_ratio=0.0, seed=99).sample(256)
+        pred = net(obs, act, g)
+        return float(pred[..., 0][mask].mean()), float(((pred - act) ** 2).sum(-1)[mask].mean())
+
+
+def test_value_guidance_moves_actions_up_q():
+    q_guided, _ = _train(alpha=1.0)
+    q_plain, _ = _train(alpha=0.0)
+    assert q_guided > q_plain + 0.2, (q_guided, q_plain)
+    assert abs(q_plain) < 0.3  # plain regression onto uniform actions stays near their mean
