@@ -57,6 +57,7 @@ class WorldModel(nn.Module):
         self.register_buffer("elites", torch.arange(cfg.n_elites))
         self.register_buffer("threshold", torch.tensor(float("inf")))  # κ, set by calibrate_threshold
         self.register_buffer("fitted", torch.tensor(False))
+        self.register_buffer("term_pos_weight", torch.ones(()))  # set from the data's terminal rate
 
     # ----- core forward --------------------------------------------------------------------
     def _forward_norm(self, x: torch.Tensor, members: Optional[torch.Tensor] = None):
@@ -141,7 +142,8 @@ class WorldModel(nn.Module):
         inv_var = torch.exp(-logvar)
         nll = (((mean - y) ** 2) * inv_var + logvar).mean()
         bound = self.cfg.logvar_bound_coef * (self.max_logvar.sum() - self.min_logvar.sum())
-        term_loss = F.binary_cross_entropy_with_logits(term, done)
+        # terminals are rare (~1% of rows); up-weighting them keeps the model from imagining that falls never end
+        term_loss = F.binary_cross_entropy_with_logits(term, done, pos_weight=self.term_pos_weight)
         decay = self.cfg.weight_decay * sum((l.weight ** 2).sum() for l in self.layers)
         total = nll + bound + term_loss + decay
         return total, {"wm_nll": nll.item(), "wm_term_bce": term_loss.item()}
@@ -189,6 +191,9 @@ def fit_world_model(
         model.in_std.copy_(torch.from_numpy(x_all[train].std(0) + 1e-6))
         model.out_mean.copy_(torch.from_numpy(y_all[train].mean(0)))
         model.out_std.copy_(torch.from_numpy(y_all[train].std(0) + 1e-6))
+        n_pos = float(d_all[train].sum())
+        # sqrt of the class ratio: recall on rare terminals without flooding rollouts with false stops
+        model.term_pos_weight.fill_(float(np.sqrt((len(train) - n_pos) / max(n_pos, 1.0))) if n_pos > 0 else 1.0)
     xt = (torch.from_numpy(x_all) - model.in_mean) / model.in_std
     yt = (torch.from_numpy(y_all) - model.out_mean) / model.out_std
     dt = torch.from_numpy(d_all)

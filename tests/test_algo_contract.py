@@ -1,6 +1,7 @@
 """IPD as a d3rlpy algorithm: fit / predict / save / load / stateful wrapper / config contract."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import d3rlpy
@@ -11,7 +12,7 @@ import torch
 from d3rlpy.algos import TransformerInput
 from d3rlpy.metrics import evaluate_transformer_with_environment
 
-from ipd_agent import IPD, IPDConfig, IPDPolicy, StatefulIPDWrapper, load_ipd
+from ipd_agent import IPD, IPDConfig, IPDPolicy, StatefulIPDWrapper, Trajectories, load_ipd
 from ipd_agent.algo import STAGES
 
 from conftest import FIT_KW, tiny_config
@@ -198,6 +199,29 @@ def test_sb3_style_policy_matches_stateful_wrapper(fitted):
     assert a.shape == (traj.action_dim,)
 
 
+def test_sb3_style_policy_resets_only_the_environments_that_start_over(fitted):
+    """VecEnv semantics: episode_start=[True, False] clears env 0's context and leaves env 1's alone."""
+    algo, traj = fitted.algo, fitted.traj
+    k = algo.config.context_size
+    e0, e1, e2 = (traj.episode(e) for e in np.flatnonzero(traj.episode_lengths >= 2 * k)[:3])
+    policy = algo.as_policy()
+    switch, t = k + 1, 2 * k
+    got0, got1 = [], []
+    for i in range(t):
+        o0 = e0["observations"][i] if i < switch else e2["observations"][i - switch]
+        a, _ = policy.predict(np.stack([o0, e1["observations"][i]]), episode_start=np.array([i in (0, switch), i == 0]))
+        got0.append(a[0])
+        got1.append(a[1])
+
+    def alone(obs):
+        w = algo.as_stateful_wrapper()
+        return np.asarray([w.predict(o, 0.0) for o in obs])
+
+    np.testing.assert_allclose(np.asarray(got1), alone(e1["observations"][:t]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got0[:switch]), alone(e0["observations"][:switch]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got0[switch:]), alone(e2["observations"][: t - switch]), atol=1e-5)
+
+
 # ----- config ------------------------------------------------------------------------------------
 def test_config_json_roundtrip_with_nested_changes():
     cfg = IPDConfig(
@@ -222,6 +246,22 @@ def test_config_json_roundtrip_with_nested_changes():
     assert cfg.create(device="cpu:0").config == cfg
 
 
+@pytest.mark.xfail(strict=True, reason="package bug (algo.py IPDConfig): the docstring says batch_size is 'kept in sync "
+                   "with transformer.batch_size', but nothing syncs them and training reads only "
+                   "transformer.batch_size, so d3rlpy's standard batch_size field is silently ignored")
+def test_top_level_batch_size_is_kept_in_sync_with_the_transformer():
+    assert IPDConfig(batch_size=16).transformer.batch_size == 16
+    assert IPDConfig(transformer={"batch_size": 24}).batch_size == 24
+
+
+def test_policy_loads_from_a_checkpoint(fitted):
+    policy = IPDPolicy.load(fitted.path)
+    obs = fitted.traj.observations[:3]
+    a, _ = policy.predict(obs)
+    b, _ = fitted.algo.as_policy().predict(obs)
+    np.testing.assert_array_equal(a, b)
+
+
 # ----- staged re-fitting -------------------------------------------------------------------------
 def test_refit_skips_fitted_stages_and_reruns_only_changed_augmentation(loaded_copy, fitted):
     algo, traj = loaded_copy, fitted.traj
@@ -243,12 +283,12 @@ def test_refit_skips_fitted_stages_and_reruns_only_changed_augmentation(loaded_c
     # the augmentation was not saved with the model, so it was re-made: same settings, same result
     assert algo.augmentation.summary() == fitted.algo.augmentation.summary()
     aug1, t_aug1 = algo.augmentation, algo.stage_times["augment"]
-    assert int(impl.stages.transformer_steps) == 5  # new augmentation: transformer started afresh
+    steps1 = int(impl.stages.transformer_steps)
 
     # second fit, same settings: nothing but the transformer runs, and it continues
     algo.fit(traj, n_steps=3, **FIT_KW)
     assert algo.augmentation is aug1 and algo.stage_times["augment"] == t_aug1
-    assert int(impl.stages.transformer_steps) == 8
+    assert int(impl.stages.transformer_steps) == steps1 + 3
     assert _same_state(_state(impl.world_model), wm0)
 
     # changing the augmentation settings re-runs augmentation only
@@ -259,13 +299,82 @@ def test_refit_skips_fitted_stages_and_reruns_only_changed_augmentation(loaded_c
     assert algo.stage_times["augment"] != t_aug1
     assert set(algo.stage_times) == {"augment", "transformer"}
     assert _same_state(_state(impl.value), value0) and _same_state(_state(impl.world_model), wm0)
-    assert int(impl.stages.transformer_steps) == 2
+    assert int(impl.stages.transformer_steps) == 2  # new training data: the policy starts afresh
+
+
+@pytest.mark.xfail(strict=True, reason="package bug (algo.py IPD.fit): the augmentation is not saved with the model, "
+                   "so fit() after d3rlpy.load_learnable re-runs augmentation and then _reset_transformer() throws "
+                   "the loaded transformer away instead of continuing it")
+def test_fit_after_load_continues_the_saved_transformer(loaded_copy, fitted):
+    before = int(loaded_copy.impl.stages.transformer_steps)
+    loaded_copy.fit(fitted.traj, n_steps=5, **FIT_KW)
+    assert int(loaded_copy.impl.stages.transformer_steps) == before + 5
+
+
+@pytest.mark.xfail(strict=True, reason="package bug (algo.py IPD.fit): the augmentation cache key holds only "
+                   "traj.n_transitions, so a different dataset of the same size silently reuses the old augmented "
+                   "data for the transformer")
+def test_refit_on_other_data_of_the_same_size_uses_the_new_data(loaded_copy, fitted):
+    algo, traj = loaded_copy, fitted.traj
+    algo.fit(traj, n_steps=1, **FIT_KW)
+    other = Trajectories(**{f.name: getattr(traj, f.name).copy() for f in dataclasses.fields(traj)})
+    other.rewards[:] = -other.rewards
+    algo.fit(other, n_steps=1, **FIT_KW)
+    n = other.n_transitions
+    np.testing.assert_array_equal(algo.augmentation.trajectories.rewards[:n], other.rewards)
+
+
+def test_same_seed_gives_the_same_model(fitted):
+    """config.seed seeds every stage: the global RNGs do not matter."""
+    d3rlpy.seed(12345)
+    again = tiny_config().create(device="cpu:0")
+    again.fit(fitted.traj, **FIT_KW)
+    obs = fitted.traj.observations[::40]
+    np.testing.assert_array_equal(again.predict(obs), fitted.algo.predict(obs))
+    assert again.augmentation.summary() == fitted.algo.augmentation.summary()
+
+
+def test_bf16_training_runs(loaded_copy, fitted):
+    loaded_copy.config.transformer.bf16 = True
+    out = loaded_copy.fit(fitted.traj, n_steps=2, **FIT_KW)
+    assert np.isfinite(out["last"]["loss"])
+    assert np.all(np.abs(loaded_copy.predict(fitted.traj.observations[:4])) <= 1.0)
+
+
+@pytest.mark.xfail(strict=True, raises=IndexError,
+                   reason="package bug: IPD inherits d3rlpy's TransformerAlgoBase.save_policy, whose traced input has "
+                          "masks shaped (1, K, 1) all zero; IPDImpl.inner_predict indexes with masks[0] > 0 and fails "
+                          "with IndexError after d3rlpy froze every module, so the model can no longer be trained")
+def test_save_policy_exports_or_refuses_cleanly(loaded_copy, fitted, tmp_path):
+    algo = loaded_copy
+    try:
+        algo.save_policy(str(tmp_path / "policy.pt"))
+    except (NotImplementedError, ValueError) as exc:  # a clear refusal is acceptable ...
+        assert "save_policy" in str(exc) or "export" in str(exc)
+    else:  # ... an export must reproduce the model
+        policy = torch.jit.load(str(tmp_path / "policy.pt"))
+        assert policy is not None
+    # either way the model is left trainable
+    out = algo.fit(fitted.traj, n_steps=2, **FIT_KW)
+    assert np.isfinite(out["last"]["loss"])
 
 
 def test_fit_with_eval_env_reports_environment_score(loaded_copy, fitted):
     out = loaded_copy.fit(fitted.traj, n_steps=2, eval_env=gym.make("Hopper-v5", max_episode_steps=100),
                           eval_episodes=1, **FIT_KW)
     assert np.isfinite(out["last"]["environment"])
+
+
+def test_fit_logs_through_d3rlpy_logger_adapters(loaded_copy, fitted, tmp_path):
+    kw = dict(FIT_KW, logger_adapter=d3rlpy.logging.FileAdapterFactory(root_dir=str(tmp_path)))
+    loaded_copy.fit(fitted.traj, n_steps=4, n_steps_per_epoch=2, experiment_name="ipdlog", **kw)
+    logdir = tmp_path / "ipdlog"
+    params = json.loads((logdir / "params.json").read_text())
+    assert params["config"]["type"] == "ipd"
+    for metric in ("loss", "bc_loss", "aug_n_accepted", "aug_threshold"):
+        assert (logdir / f"{metric}.csv").is_file(), metric
+    epochs = [int(line.split(",")[0]) for line in (logdir / "loss.csv").read_text().splitlines()]
+    assert epochs == [1, 2]
 
 
 # ----- evaluation through d3rlpy -----------------------------------------------------------------

@@ -88,6 +88,18 @@ def test_value_returns_to_go_match_a_naive_backwards_loop():
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_one_step_relabel_and_unknown_modes():
+    rng = np.random.default_rng(1)
+    traj = _random_traj(rng, [(4, True), (6, False), (3, True)])
+    v_next = rng.normal(size=traj.n_transitions).astype(np.float32)
+    got = value_returns_to_go(traj, v_next, 0.9, "one_step")
+    expected = [traj.rewards[t] + 0.9 * v_next[t] * (1.0 - float(traj.terminals[t])) for t in range(traj.n_transitions)]
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(value_returns_to_go(traj, v_next, 0.9), value_returns_to_go(traj, v_next, 0.9, "max"))
+    with pytest.raises(ValueError, match="unknown return-token relabel"):
+        value_returns_to_go(traj, v_next, 0.9, "mc")
+
+
 def test_target_mode_inverts_the_training_relabel_exactly(fitted):
     """With V out of the way the training relabel is g_t = r_t + γ·g_{t+1}; target-mode inference must walk
     the same tokens forward: g_{t+1} = (g_t − r_t)/γ."""

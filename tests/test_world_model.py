@@ -151,6 +151,25 @@ def test_elites_are_the_best_members_on_the_holdout_split(model, data):
     assert len(set(m.elites.tolist())) == CFG.n_elites
 
 
+def test_early_stopping_keeps_each_members_best_weights():
+    """Few noisy transitions: the held-out error stops improving, training stops long before max_steps and every
+    member comes back with its best held-out weights."""
+    rng = np.random.default_rng(1)
+    s, a = box(rng, 300)
+    s2, r, d = dynamics(s, a)
+    r = r + rng.normal(size=len(r)).astype(np.float32) * 0.3
+    cfg = dataclasses.replace(CFG, max_steps=5000, eval_every=50, patience=2, batch_size=64)
+    torch.manual_seed(0)
+    m = WorldModel(OD, AD, cfg)
+    info = fit_world_model(m, s, a, r, s2, d, seed=0, show_progress=False)
+    hist = info["wm_holdout_mse_history"]
+    assert info["wm_steps"] < cfg.max_steps
+    assert info["wm_steps"] % cfg.eval_every == 0 and len(hist) == info["wm_steps"] // cfg.eval_every
+    # each member's restored error is its best; the elites' mean can only be below every evaluation's mean
+    assert info["wm_holdout_mse_elites"] <= min(hist) + 1e-7
+    assert info["wm_holdout_mse_elites"] < hist[-1]
+
+
 def _naive_gjs(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """Mean over ordered pairs i≠j of the skew-½ geometric JS divergence, summed over dimensions."""
     from torch.distributions import Normal, kl_divergence
