@@ -12,6 +12,7 @@ try several augmentation settings.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from typing import Any, Callable, Optional, Union
@@ -81,6 +82,11 @@ class IPDConfig(TransformerConfig):
                     raise ValueError(f"unknown {name} config field(s) {sorted(unknown)}; valid: "
                                      f"{[f.name for f in dataclasses.fields(typ)]}")
                 setattr(self, name, typ(**sub))
+        # d3rlpy's top-level batch_size and transformer.batch_size are one setting: a changed one wins
+        default_bs = TransformerNetConfig().batch_size
+        if self.batch_size != default_bs and self.transformer.batch_size == default_bs:
+            self.transformer.batch_size = self.batch_size
+        self.batch_size = self.transformer.batch_size
         if isinstance(self.value.hidden_units, list):
             self.value.hidden_units = tuple(self.value.hidden_units)
 
@@ -99,6 +105,8 @@ class StageFlags(nn.Module):
         super().__init__()
         self.register_buffer("done", torch.zeros(len(STAGES), dtype=torch.bool))
         self.register_buffer("transformer_steps", torch.zeros((), dtype=torch.long))
+        # hash of the augmentation (settings + data) the transformer was trained on
+        self.register_buffer("augment_key", torch.zeros((), dtype=torch.long))
 
     def is_done(self, stage: str) -> bool:
         return bool(self.done[STAGES.index(stage)])
@@ -171,15 +179,16 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
             observation_shape = (observation_shape,)
         observation_shape = tuple(observation_shape)
         cfg = self._config
-        torch.manual_seed(cfg.seed)
-        iql = make_iql(cfg.value, self._device)
-        iql.create_impl(observation_shape, action_size)
-        modules = IPDModules(
-            transformer=CausalTransformer(observation_shape[0], action_size, cfg.context_size, cfg.transformer),
-            value=ValueFunctions(iql),
-            world_model=WorldModel(observation_shape[0], action_size, cfg.world_model),
-            stages=StageFlags(),
-        )
+        with torch.random.fork_rng():  # seeded initialisation without touching the caller's global RNG
+            torch.manual_seed(cfg.seed)
+            iql = make_iql(cfg.value, self._device)
+            iql.create_impl(observation_shape, action_size)
+            modules = IPDModules(
+                transformer=CausalTransformer(observation_shape[0], action_size, cfg.context_size, cfg.transformer),
+                value=ValueFunctions(iql),
+                world_model=WorldModel(observation_shape[0], action_size, cfg.world_model),
+                stages=StageFlags(),
+            )
         self._impl = IPDImpl(observation_shape, action_size, modules, self._device, iql)
 
     # ----- the whole method ----------------------------------------------------------------
@@ -264,7 +273,9 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         impl.world_model.eval()
 
         # stages 3-5: branch points, MPC rollouts, splicing (cached per augmentation settings)
-        key = json.dumps([cfg.augment.to_dict(), cfg.planner.to_dict(), cfg.seed, traj.n_transitions], sort_keys=True)
+        key = json.dumps([cfg.augment.to_dict(), cfg.planner.to_dict(), cfg.seed, cfg.gamma, traj.fingerprint()],
+                         sort_keys=True)
+        key_hash = int(hashlib.sha1(key.encode()).hexdigest()[:15], 16)
         if self.augmentation is None or self._augmentation_key != key:
             t0 = time.perf_counter()
             self.augmentation = self.augment(traj, show_progress=show_progress)
@@ -273,8 +284,9 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
             self.stage_metrics["augment"] = self.augmentation.summary()
             for k, v in self.stage_metrics["augment"].items():
                 logger.add_metric(f"aug_{k}", v)
-            if impl.stages.is_done("transformer"):  # new training data: start the policy afresh
-                self._reset_transformer()
+            if impl.stages.is_done("transformer") and int(impl.stages.augment_key) != key_hash:
+                self._reset_transformer()  # new training data: start the policy afresh
+            impl.stages.augment_key.fill_(key_hash)
         logger.commit(0, 0)
 
         # stage 6: value-guided transformer
@@ -418,6 +430,30 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         """Stateful policy for d3rlpy's evaluators. No target needed: g_t = V(s_t) unless ``rtg_mode='target'``."""
         mode = rtg_mode or ("value" if target_return is None else "target")
         return StatefulIPDWrapper(self, mode, target_return)
+
+    def save_policy(self, fname: str) -> None:
+        """Exports the deployable policy (transformer + the value network that sets the return token).
+
+        ``.pt`` gives TorchScript, ``.onnx`` gives ONNX. The exported function takes the current context,
+        ``observations [T, obs]`` and ``actions [T, act]`` (T <= context_size, the last action row is ignored),
+        and returns the action for the last step; it needs neither d3rlpy nor ipd_agent.
+        """
+        if self._impl is None:
+            raise RuntimeError("The model is not built: call fit() or d3rlpy.load_learnable() first.")
+        from .policy import ExportablePolicy
+
+        module = ExportablePolicy(self._impl.transformer, self._impl.value).eval()
+        k, o, a = self._config.context_size, self._impl.observation_shape[0], self._impl.action_size
+        dummy = (torch.randn(k, o), torch.zeros(k, a))
+        with torch.no_grad():
+            if fname.endswith(".pt"):
+                torch.jit.trace(module, dummy, check_trace=False).save(fname)
+            elif fname.endswith(".onnx"):
+                torch.onnx.export(module, dummy, fname, input_names=["observations", "actions"],
+                                  output_names=["action"], dynamic_axes={"observations": {0: "T"}, "actions": {0: "T"}},
+                                  opset_version=17, dynamo=False)
+            else:
+                raise ValueError(f"save_policy: unknown export format for {fname!r}; use .pt (TorchScript) or .onnx")
 
     def as_policy(self, action_space: Any = None) -> IPDPolicy:
         """Stable-Baselines3-style policy: ``predict(obs, state, episode_start, deterministic)``."""

@@ -123,7 +123,7 @@ def make_d4rl_datasets(env_id: str, total_steps: int, root: str, namespace: Opti
     """
     import minari
     import torch
-    from minari.dataset.episode_data import EpisodeData
+    from minari.data_collector.episode_buffer import EpisodeBuffer
     from stable_baselines3 import SAC
     from stable_baselines3.common.callbacks import BaseCallback
 
@@ -169,8 +169,8 @@ def make_d4rl_datasets(env_id: str, total_steps: int, root: str, namespace: Opti
         dataset_id = f"{namespace}/{name}-v0"
         if dataset_id in minari.list_local_datasets():
             minari.delete_dataset(dataset_id)
-        buffer = [EpisodeData(id=i, observations=e["observations"], actions=e["actions"], rewards=e["rewards"],
-                              terminations=e["terminations"], truncations=e["truncations"], infos={})
+        buffer = [EpisodeBuffer(id=i, observations=e["observations"], actions=e["actions"], rewards=list(e["rewards"]),
+                                terminations=list(e["terminations"]), truncations=list(e["truncations"]), infos={})
                   for i, e in enumerate(eps)]
         minari.create_dataset_from_buffers(
             dataset_id=dataset_id, buffer=buffer, env=env, algorithm_name="SB3-SAC", author="ipd-agent",

@@ -44,6 +44,11 @@ class Trajectories:
     branch_ids: Optional[np.ndarray] = None  # [N] int64, index of the branch point a row came from, -1 if none
 
     def __post_init__(self) -> None:
+        # one dtype everywhere, so float64 input cannot reach torch and fail late
+        for name in ("observations", "actions", "rewards", "next_observations"):
+            setattr(self, name, np.ascontiguousarray(getattr(self, name), dtype=np.float32))
+        self.terminals = np.asarray(self.terminals, dtype=bool)
+        self.episode_starts = np.asarray(self.episode_starts, dtype=np.int64)
         n = len(self.observations)
         if self.imagined is None:
             self.imagined = np.zeros(n, dtype=bool)
@@ -82,6 +87,15 @@ class Trajectories:
         ends = np.zeros(self.n_transitions, dtype=bool)
         ends[self.episode_starts[1:] - 1] = True
         return ends
+
+    def fingerprint(self) -> str:
+        """SHA-1 of the data, so cached results are reused only for exactly the same dataset."""
+        import hashlib
+
+        h = hashlib.sha1()
+        for name in ("observations", "actions", "rewards", "next_observations", "terminals", "episode_starts"):
+            h.update(np.ascontiguousarray(getattr(self, name)).tobytes())
+        return h.hexdigest()
 
     def episode_returns(self) -> np.ndarray:
         return np.add.reduceat(self.rewards.astype(np.float64), self.episode_starts[:-1])
@@ -188,7 +202,7 @@ class Trajectories:
     def to_minari(self, dataset_id: str, env: Any = None, **metadata: Any):
         """Writes these episodes as a local Minari dataset (imagined rows included, provenance in infos)."""
         import minari
-        from minari.dataset.episode_data import EpisodeData
+        from minari.data_collector.episode_buffer import EpisodeBuffer
 
         eps = []
         for e in range(self.n_episodes):
@@ -198,13 +212,13 @@ class Trajectories:
             trunc = np.zeros_like(term)
             trunc[-1] = not term[-1]
             eps.append(
-                EpisodeData(
+                EpisodeBuffer(
                     id=e,
                     observations=obs,
                     actions=d["actions"],
-                    rewards=d["rewards"].astype(np.float64),
-                    terminations=term,
-                    truncations=trunc,
+                    rewards=list(d["rewards"].astype(np.float64)),
+                    terminations=list(term),
+                    truncations=list(trunc),
                     infos={"imagined": d["imagined"], "branch_id": d["branch_ids"]},
                 )
             )

@@ -18,8 +18,9 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from torch import nn
 
-__all__ = ["TransformerContext", "StatefulIPDWrapper", "IPDPolicy"]
+__all__ = ["TransformerContext", "StatefulIPDWrapper", "IPDPolicy", "ExportablePolicy"]
 
 
 class TransformerContext:
@@ -140,3 +141,21 @@ class IPDPolicy:
 
     def reset(self) -> None:
         self._ctx = None
+
+
+class ExportablePolicy(nn.Module):
+    """One deployment step as a pure function, for TorchScript / ONNX export.
+
+    ``forward(observations [T, obs], actions [T, act]) -> action [act]``: return tokens are V(s) computed inside,
+    exactly as ``TransformerContext`` does in value mode.
+    """
+
+    def __init__(self, net: nn.Module, value: nn.Module) -> None:
+        super().__init__()
+        self.net, self.value = net, value
+
+    def forward(self, observations: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        obs = observations.unsqueeze(0)
+        act = torch.cat([actions[:-1], torch.zeros_like(actions[-1:])], dim=0).unsqueeze(0)
+        rtg = self.value.v(obs)
+        return self.net(obs, act, rtg)[0, -1]

@@ -5,7 +5,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
 
 from ipd_agent import Trajectories, load_minari
 from ipd_agent.augment import augment, batched_values, segment_values, select_branch_points
@@ -194,9 +193,6 @@ def test_disabled_augmentation_keeps_only_real_data(fitted):
     assert res.trajectories.n_transitions == real.n_transitions and not res.trajectories.imagined.any()
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="Trajectories.to_minari builds minari EpisodeData, which has no .seed/.options; minari "
-                          "0.5.4's create_dataset_from_buffers needs EpisodeBuffer (package bug, data.py)")
 def test_augmented_dataset_saves_as_minari_and_reloads(aug, tmp_path):
     import gymnasium as gym
 

@@ -97,10 +97,6 @@ def test_nan_in_a_d3rlpy_dataset_is_reported(hopper_traj):
     assert_untrained()
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="package bug (data.py Trajectories): arrays are not cast to float32 and validate() does not "
-                          "check dtypes, so float64 Trajectories pass every check, train IQL and the world model, "
-                          "then crash in augmentation ('mat1 and mat2 must have the same dtype')")
 def test_float64_trajectories_work_or_fail_fast(hopper_traj):
     fields = {f.name: getattr(hopper_traj, f.name).copy() for f in dataclasses.fields(hopper_traj)}
     for name in ("observations", "actions", "rewards", "next_observations"):

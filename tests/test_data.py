@@ -12,13 +12,14 @@ import pytest
 from ipd_agent import Trajectories, load_minari, to_trajectories
 from ipd_agent.data import _split_minari_path, normalized_score, reference_scores
 
-from conftest import HOPPER_MR, collect_episodes, minari_root, write_minari
+from conftest import FIT_KW, HOPPER_MR, collect_episodes, minari_root, tiny_config, write_minari
 
 PEND_ID = "ipdtest/pendulum-v0"
 
 
 def assert_same_traj(a: Trajectories, b: Trajectories, next_obs: bool = True) -> None:
-    names = ["observations", "actions", "rewards", "terminals", "episode_starts"] + (["next_observations"] if next_obs else [])
+    names = ["observations", "actions", "rewards", "terminals", "episode_starts"]
+    names += ["next_observations"] if next_obs else []
     for name in names:
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
 
@@ -214,8 +215,6 @@ def test_trajectories_helpers(hopper_traj):
 
 
 def test_fit_accepts_a_minari_dataset_by_path_and_by_object(pendulum):
-    from conftest import FIT_KW, tiny_config
-
     root, _ = pendulum
     path = os.path.join(root, *PEND_ID.split("/"))
     algo = tiny_config(transformer={"n_steps": 3, "hidden_size": 16, "n_layers": 1}).create(device="cpu:0")
