@@ -208,12 +208,12 @@ def fit_world_model(
         # each member gets its own bootstrap-style random batch: [E, B]
         idx = train_t[torch.randint(0, len(train_t), (cfg.n_members, cfg.batch_size), generator=gen)]
         loss, metrics = model.loss(xt[idx], yt[idx], dt[idx])
+        if not torch.isfinite(loss):  # checked before the update, so the weights stay at the last good step
+            raise FloatingPointError(f"world model loss became {float(loss)} at step {step}; "
+                                     "lower world_model.learning_rate or check the data scale.")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"world model loss became {float(loss)} at step {step}; "
-                                     "lower world_model.learning_rate or check the data scale.")
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             errs = model.holdout_errors(xt[hold], yt[hold])
             improved = errs < best * (1 - 1e-3)

@@ -1,0 +1,185 @@
+"""Speed of every IPD stage against its peer, measured side by side in one run (one torch thread).
+
+    python benchmarks/speed.py                      # ~3 minutes on an idle 2-core CPU
+    python benchmarks/speed.py --out benchmarks/results/speed.json
+
+1. transformer training steps/s: ours (fp32 and bf16 autocast) vs d3rlpy DecisionTransformer, same width,
+   depth, context, batch and thread count;
+2. world-model ensemble: training samples/s and one-step prediction throughput;
+3. MPC: imagined transitions/s and planner calls/s, batched vs a naive per-branch-state loop of the same planner;
+4. inference latency per step (batch 1): our stateful policy vs d3rlpy's StatefulTransformerWrapper, and the
+   exported TorchScript policy.
+Whole-fit wall time per stage comes from the benchmark runs (stage_times_s in each result row).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+
+def timeit(fn, n: int, warmup: int = 2) -> float:
+    """Seconds per call (median of ``n`` after ``warmup``)."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def transformer_training(obs_dim: int, act_dim: int, hidden: int, layers: int, k: int, batch: int, n: int) -> dict:
+    import d3rlpy
+    from d3rlpy.dataset import MDPDataset
+
+    from ipd_agent.config import TransformerNetConfig
+    from ipd_agent.data import Trajectories
+    from ipd_agent.transformer import CausalTransformer, WindowSampler, value_guided_loss
+
+    rng = np.random.default_rng(0)
+    n_ep, t_ep = 50, 200
+    obs = rng.normal(size=(n_ep * t_ep, obs_dim)).astype(np.float32)
+    act = np.tanh(rng.normal(size=(n_ep * t_ep, act_dim))).astype(np.float32)
+    rew = rng.normal(size=n_ep * t_ep).astype(np.float32)
+    starts = np.arange(0, n_ep * t_ep + 1, t_ep)
+    traj = Trajectories(obs, act, rew, obs, np.zeros(len(obs), bool), starts)
+    out = {}
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        cfg = TransformerNetConfig(hidden_size=hidden, n_layers=layers, n_heads=1)
+        net = CausalTransformer(obs_dim, act_dim, k, cfg)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+        sampler = WindowSampler(traj, rew, k, 0.0)
+
+        def step():
+            o, a, g, m = sampler.sample(batch)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                p = net(o, a, g)
+            loss, _ = value_guided_loss(p.float(), a, o, m, None, 0.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        out["ours_bf16" if bf16 else "ours_fp32"] = 1.0 / timeit(step, n)
+    ds = MDPDataset(obs, act, rew.reshape(-1, 1), np.zeros(len(obs)), timeouts=np.isin(np.arange(len(obs)), starts[1:] - 1))
+    dt = d3rlpy.algos.DecisionTransformerConfig(
+        batch_size=batch, context_size=k, num_heads=1, num_layers=layers,
+        encoder_factory=d3rlpy.models.VectorEncoderFactory([hidden], exclude_last_activation=True),
+    ).create(device="cpu:0")
+    dt.build_with_dataset(ds)
+
+    def dt_step():
+        dt.update(ds.sample_trajectory_batch(batch, length=k))
+
+    out["d3rlpy_dt"] = 1.0 / timeit(dt_step, n)
+    out["speedup_fp32"] = out["ours_fp32"] / out["d3rlpy_dt"]
+    out["speedup_bf16"] = out["ours_bf16"] / out["d3rlpy_dt"]
+    return out, dt
+
+
+def world_model_and_planner(obs_dim: int, act_dim: int, n_branches: int) -> dict:
+    import d3rlpy
+
+    from ipd_agent.config import PlannerConfig, ValueConfig, WorldModelConfig
+    from ipd_agent.planner import MPCPlanner
+    from ipd_agent.value import ValueFunctions, make_iql
+    from ipd_agent.world_model import WorldModel
+
+    cfg = WorldModelConfig()
+    wm = WorldModel(obs_dim, act_dim, cfg).eval()
+    wm.threshold.fill_(float("inf"))
+    opt = torch.optim.Adam(wm.parameters(), lr=1e-3)
+    x = torch.randn(cfg.n_members, cfg.batch_size, obs_dim + act_dim)
+    y = torch.randn(cfg.n_members, cfg.batch_size, obs_dim + 1)
+    d = torch.zeros(cfg.n_members, cfg.batch_size)
+
+    def train_step():
+        loss, _ = wm.loss(x, y, d)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    out = {"wm_train_samples_per_s": cfg.n_members * cfg.batch_size / timeit(train_step, 10)}
+    o, a = torch.randn(4096, obs_dim), torch.rand(4096, act_dim) * 2 - 1
+    with torch.no_grad():
+        out["wm_predict_rows_per_s"] = 4096 / timeit(lambda: wm.step(o, a), 5)
+    iql = make_iql(ValueConfig(), "cpu:0")
+    iql.create_impl((obs_dim,), act_dim)
+    value = ValueFunctions(iql)
+    value.freeze()
+    planner = MPCPlanner(wm, value, PlannerConfig())
+    states = torch.randn(n_branches, obs_dim)
+    gen = torch.Generator().manual_seed(0)
+    t_batched = timeit(lambda: planner.plan(states, generator=gen), 3, warmup=1)
+    n_naive = min(n_branches, 16)  # the naive loop is timed on a subset and scaled per state
+    t_naive = timeit(lambda: [planner.plan(states[i:i + 1], generator=gen) for i in range(n_naive)], 2, warmup=1)
+    per_state_batched, per_state_naive = t_batched / n_branches, t_naive / n_naive
+    out.update({
+        "planner_calls_per_s_batched": 1.0 / per_state_batched,
+        "planner_calls_per_s_naive": 1.0 / per_state_naive,
+        "mpc_speedup_vs_naive_loop": per_state_naive / per_state_batched,
+        "imagined_transitions_per_s": 1.0 / per_state_batched,  # one executed transition per planner call
+        "branch_states_per_call": n_branches,
+    })
+    return out, wm, value
+
+
+def inference(obs_dim: int, act_dim: int, hidden: int, layers: int, k: int, dt) -> dict:
+    import tempfile
+
+    from ipd_agent.algo import IPDConfig
+
+    algo = IPDConfig(context_size=k, transformer={"hidden_size": hidden, "n_layers": layers}).create("cpu:0")
+    algo.create_impl((obs_dim,), act_dim)
+    wrapper = algo.as_stateful_wrapper()
+    obs = np.random.default_rng(0).normal(size=obs_dim).astype(np.float32)
+    for _ in range(k):  # fill the context so we time the steady state
+        wrapper.predict(obs, 0.0)
+    out = {"ours_ms_per_step": 1e3 * timeit(lambda: wrapper.predict(obs, 0.0), 200, warmup=20)}
+    dtw = dt.as_stateful_wrapper(target_return=1000.0)
+    for _ in range(k):
+        dtw.predict(obs, 0.0)
+    out["d3rlpy_dt_ms_per_step"] = 1e3 * timeit(lambda: dtw.predict(obs, 0.0), 200, warmup=20)
+    with tempfile.TemporaryDirectory() as d:
+        algo.save_policy(f"{d}/p.pt")
+        ts = torch.jit.load(f"{d}/p.pt")
+        o = torch.from_numpy(np.tile(obs, (k, 1)))
+        a = torch.zeros(k, act_dim)
+        with torch.no_grad():
+            out["torchscript_ms_per_step"] = 1e3 * timeit(lambda: ts(o, a), 200, warmup=20)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=128, help="transformer width (d3rlpy DT-sized comparison)")
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--context", type=int, default=20)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--branches", type=int, default=256, help="branch states planned in one batched call")
+    p.add_argument("--steps", type=int, default=20, help="timed transformer steps per implementation")
+    p.add_argument("--out", default=None, help="write the figures as JSON here")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    obs_dim, act_dim = 11, 3  # Hopper-sized
+    res = {"threads": torch.get_num_threads(), "hidden": a.hidden, "layers": a.layers, "context": a.context,
+           "batch": a.batch}
+    res["transformer_steps_per_s"], dt = transformer_training(obs_dim, act_dim, a.hidden, a.layers, a.context,
+                                                              a.batch, a.steps)
+    print(json.dumps(res["transformer_steps_per_s"], indent=1), flush=True)
+    res["world_model_and_mpc"], _, _ = world_model_and_planner(obs_dim, act_dim, a.branches)
+    print(json.dumps(res["world_model_and_mpc"], indent=1), flush=True)
+    res["inference"] = inference(obs_dim, act_dim, a.hidden, a.layers, a.context, dt)
+    print(json.dumps(res["inference"], indent=1), flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
