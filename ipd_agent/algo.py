@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from typing import Any, Callable, Optional, Union
 
@@ -205,6 +206,9 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         eval_episodes: int = 10,
         save_interval: int = 10**9,
         callback: Optional[Callable[["IPD", int, int], None]] = None,
+        checkpoint_dir: Optional[str] = None,
+        checkpoint_every: int = 1000,
+        resume: bool = False,
     ) -> dict:
         """Runs every IPD stage that is not done yet, then trains the transformer for ``n_steps``.
 
@@ -220,6 +224,11 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
             eval_episodes: episodes per evaluation.
             save_interval: save the model every this many epochs.
             callback: called as ``callback(algo, epoch, total_step)`` after every transformer step.
+            checkpoint_dir: if set, the model is written there (atomically) after every stage and every
+                ``checkpoint_every`` transformer steps, with the augmentation and the optimiser/RNG state.
+            checkpoint_every: transformer steps between checkpoints.
+            resume: continue from ``checkpoint_dir``: finished stages are skipped and the transformer picks up at
+                its last saved step, reaching the same final state as an uninterrupted run.
 
         Returns:
             dict with per-stage wall time, the augmentation summary and the last losses.
@@ -236,6 +245,10 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
                 f"This model was built for observations {tuple(self._impl.observation_shape)} and "
                 f"{self._impl.action_size} actions; the dataset has ({traj.observation_dim},) and {traj.action_dim}."
             )
+        if resume:
+            if checkpoint_dir is None:
+                raise ValueError("fit(resume=True) needs checkpoint_dir, the folder a previous fit wrote to")
+            self._load_checkpoint(checkpoint_dir)
         impl = self._impl
         name = experiment_name or "IPD"
         logger = D3RLPyLogger(algo=self, adapter_factory=logger_adapter, experiment_name=name,
@@ -254,6 +267,7 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
             impl.value.set_reward_scale(impl.iql.config.reward_scaler)
             impl.stages.mark("value")
             self.stage_times["value"] = time.perf_counter() - t0
+            self._save_checkpoint(checkpoint_dir)
         impl.value.freeze()
 
         # stage 2: ensemble world model, elites and threshold κ
@@ -266,6 +280,7 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
             )
             impl.stages.mark("world_model")
             self.stage_times["world_model"] = time.perf_counter() - t0
+            self._save_checkpoint(checkpoint_dir)
             self.stage_metrics["world_model"] = wm_metrics
             for k, v in wm_metrics.items():
                 if not isinstance(v, list):
@@ -287,12 +302,14 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
             if impl.stages.is_done("transformer") and int(impl.stages.augment_key) != key_hash:
                 self._reset_transformer()  # new training data: start the policy afresh
             impl.stages.augment_key.fill_(key_hash)
+            self._save_checkpoint(checkpoint_dir, augmentation=True)
         logger.commit(0, 0)
 
         # stage 6: value-guided transformer
         t0 = time.perf_counter()
         last = self._fit_transformer(self.augmentation, n_steps, n_steps_per_epoch, logger, show_progress,
-                                     eval_env, eval_episodes, save_interval, callback)
+                                     eval_env, eval_episodes, save_interval, callback, checkpoint_dir,
+                                     checkpoint_every, resume)
         self.stage_times["transformer"] = self.stage_times.get("transformer", 0.0) + time.perf_counter() - t0
         logger.close()
         return {"stage_times": dict(self.stage_times), "augmentation": self.augmentation.summary(), "last": last}
@@ -318,7 +335,9 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         self._optim = None
 
     def _fit_transformer(self, aug: AugmentationResult, n_steps: int, n_steps_per_epoch: int, logger,
-                         show_progress: bool, eval_env, eval_episodes: int, save_interval: int, callback) -> dict:
+                         show_progress: bool, eval_env, eval_episodes: int, save_interval: int, callback,
+                         checkpoint_dir: Optional[str] = None, checkpoint_every: int = 1000,
+                         resume: bool = False) -> dict:
         impl, cfg, tcfg = self._impl, self._config, self._config.transformer
         traj = aug.trajectories
         net = impl.transformer
@@ -337,49 +356,102 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
             self._sched = torch.optim.lr_scheduler.LambdaLR(self._optim, lr_lambda(tcfg.warmup_steps))
         use_bf16 = tcfg.bf16 and torch.backends.mkldnn.is_available()
         torch.manual_seed(cfg.seed + 2 + int(impl.stages.transformer_steps))
+        step = 0  # steps done in this fit call
+        state_path = os.path.join(checkpoint_dir, "train_state.pt") if checkpoint_dir else None
+        if resume and state_path and os.path.exists(state_path):
+            st = torch.load(state_path, weights_only=False)
+            if st["n_steps"] == n_steps and st["augment_key"] == int(impl.stages.augment_key):
+                self._optim.load_state_dict(st["optim"])
+                self._sched.load_state_dict(st["sched"])
+                sampler.gen.set_state(st["sampler_rng"])
+                torch.set_rng_state(st["torch_rng"])
+                step, self._grad_step = st["step"], st["grad_step"]
         net.train()
         n_epochs = max(1, int(np.ceil(n_steps / n_steps_per_epoch))) if n_steps > 0 else 0
         last: dict = {}
-        step = 0
-        for epoch in range(1, n_epochs + 1):
-            steps_here = min(n_steps_per_epoch, n_steps - step)
-            bar = tqdm(range(steps_here), desc=f"transformer {epoch}/{n_epochs}", disable=not show_progress)
-            for it in bar:
-                obs, act, g, mask = sampler.sample(tcfg.batch_size)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                    pred = net(obs, act, g)
-                loss, metrics = value_guided_loss(pred.float(), act, obs, mask, impl.value.q, tcfg.value_guidance)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"transformer loss became {float(loss)} at step {step}; "
-                                             "lower transformer.learning_rate or value_guidance.")
-                self._optim.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(net.parameters(), tcfg.grad_clip)
-                self._optim.step()
-                self._sched.step()
-                step += 1
-                self._grad_step += 1
-                impl.stages.transformer_steps += 1
-                metrics["loss"] = loss.item()
-                last = metrics
-                for k, v in metrics.items():
-                    logger.add_metric(k, v)
-                if it % 20 == 0:
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items()})
-                if callback:
-                    callback(self, epoch, step)
-            impl.stages.mark("transformer")
-            if eval_env is not None:
+        bar = tqdm(range(step, n_steps), desc="transformer", disable=not show_progress or n_steps == 0,
+                   initial=step, total=n_steps)
+        for _ in bar:
+            obs, act, g, mask = sampler.sample(tcfg.batch_size)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                pred = net(obs, act, g)
+            loss, metrics = value_guided_loss(pred.float(), act, obs, mask, impl.value.q, tcfg.value_guidance)
+            if not torch.isfinite(loss):  # before the update: the last good weights are kept
+                raise FloatingPointError(f"transformer stage: loss became {float(loss)} at step {step}; "
+                                         "lower transformer.learning_rate or value_guidance.")
+            self._optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), tcfg.grad_clip)
+            self._optim.step()
+            self._sched.step()
+            step += 1
+            self._grad_step += 1
+            impl.stages.transformer_steps += 1
+            metrics["loss"] = loss.item()
+            last = metrics
+            for k, v in metrics.items():
+                logger.add_metric(k, v)
+            if step % 20 == 0:
+                bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items()})
+            epoch = (step - 1) // n_steps_per_epoch + 1
+            if callback:
+                callback(self, epoch, step)
+            if step % n_steps_per_epoch == 0 or step == n_steps:  # end of an epoch
+                impl.stages.mark("transformer")
+                if eval_env is not None:
+                    net.eval()
+                    score = evaluate_transformer_with_environment(self.as_stateful_wrapper(), eval_env, eval_episodes)
+                    logger.add_metric("environment", score)
+                    last["environment"] = score
+                    net.train()
+                logger.commit(epoch, self._grad_step)
+                if epoch % save_interval == 0:
+                    logger.save_model(self._grad_step, self)
+            if state_path and (step % checkpoint_every == 0 or step == n_steps):
                 net.eval()
-                score = evaluate_transformer_with_environment(self.as_stateful_wrapper(), eval_env, eval_episodes)
-                logger.add_metric("environment", score)
-                last["environment"] = score
+                self._save_checkpoint(checkpoint_dir)
                 net.train()
-            logger.commit(epoch, self._grad_step)
-            if epoch % save_interval == 0:
-                logger.save_model(self._grad_step, self)
+                _atomic_torch_save({"step": step, "n_steps": n_steps, "grad_step": self._grad_step,
+                                    "augment_key": int(impl.stages.augment_key), "optim": self._optim.state_dict(),
+                                    "sched": self._sched.state_dict(), "sampler_rng": sampler.gen.get_state(),
+                                    "torch_rng": torch.get_rng_state()}, state_path)
+        if n_epochs and step == n_steps:
+            impl.stages.mark("transformer")
         net.eval()
         return last
+
+    # ----- checkpoints ---------------------------------------------------------------------
+    def _save_checkpoint(self, checkpoint_dir: Optional[str], augmentation: bool = False) -> None:
+        """Model (and, after augmentation, the augmented data) written atomically: never a half file."""
+        if not checkpoint_dir:
+            return
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        path = os.path.join(checkpoint_dir, "ipd.d3")
+        self.save(path + ".tmp")
+        os.replace(path + ".tmp", path)
+        if augmentation and self.augmentation is not None:
+            self.augmentation.save(os.path.join(checkpoint_dir, "augmentation.npz"))
+            _atomic_write_text(os.path.join(checkpoint_dir, "augmentation.key"), self._augmentation_key or "")
+
+    def _load_checkpoint(self, checkpoint_dir: str) -> None:
+        """Restores the model, augmentation and stage flags a previous fit saved (nothing if there is none)."""
+        import io
+
+        path = os.path.join(checkpoint_dir, "ipd.d3")
+        if not os.path.exists(path):
+            return
+        saved = load_ipd(path)
+        if self._impl is None:
+            self.create_impl(saved.impl.observation_shape, saved.impl.action_size)
+        buf = io.BytesIO()
+        saved.impl.save_model(buf)
+        self._impl.load_model(io.BytesIO(buf.getvalue()))
+        aug_path = os.path.join(checkpoint_dir, "augmentation.npz")
+        key_path = os.path.join(checkpoint_dir, "augmentation.key")
+        if os.path.exists(aug_path) and os.path.exists(key_path):
+            self.augmentation = AugmentationResult.load(aug_path)
+            with open(key_path) as f:
+                self._augmentation_key = f.read()
 
     # ----- checks --------------------------------------------------------------------------
     @staticmethod
@@ -473,3 +545,14 @@ def load_ipd(path: str, device: DeviceArg = None) -> IPD:
     if not isinstance(algo, IPD):
         raise ValueError(f"{path!r} holds a {type(algo).__name__}, not an IPD model.")
     return algo
+
+
+def _atomic_torch_save(obj: Any, path: str) -> None:
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)

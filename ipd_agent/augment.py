@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Optional
 
 import numpy as np
@@ -126,6 +127,25 @@ class AugmentationResult:
 
     def __str__(self) -> str:
         return json.dumps(self.summary(), indent=1)
+
+    def save(self, path: str) -> None:
+        """Writes every array to one ``.npz`` atomically (a half-written file is never left under ``path``)."""
+        arrays = {f"traj_{f.name}": getattr(self.trajectories, f.name) for f in dataclasses.fields(Trajectories)}
+        for f in dataclasses.fields(self):
+            if f.name != "trajectories":
+                arrays[f.name] = np.asarray(getattr(self, f.name))
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "AugmentationResult":
+        with np.load(path, allow_pickle=False) as z:
+            traj = Trajectories(**{f.name: z[f"traj_{f.name}"] for f in dataclasses.fields(Trajectories)})
+            kw = {f.name: z[f.name] for f in dataclasses.fields(cls) if f.name != "trajectories"}
+        kw["n_real_episodes"], kw["n_candidates"] = int(kw["n_real_episodes"]), int(kw["n_candidates"])
+        kw["threshold"] = float(kw["threshold"])
+        return cls(trajectories=traj, **kw)
 
 
 @torch.no_grad()

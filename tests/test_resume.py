@@ -1,0 +1,98 @@
+"""An interrupted fit (a real SIGKILL) resumes from its checkpoint and ends where an uninterrupted fit ends."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import FIT_KW, tiny_config
+
+CONFIG = dict(world_model={"max_steps": 4000, "eval_every": 100, "patience": 10_000, "hidden_size": 32,
+                           "n_layers": 2},
+              transformer={"n_steps": 300, "hidden_size": 32, "n_layers": 1})
+CHILD = """
+import sys, numpy as np, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {tests!r})
+from conftest import tiny_config, FIT_KW
+from ipd_agent import Trajectories
+z = np.load({data!r})
+traj = Trajectories(**{{k: z[k] for k in z.files}})
+algo = tiny_config(**{config!r}).create(device="cpu:0")
+algo.fit(traj, checkpoint_dir={ckpt!r}, checkpoint_every=25, **FIT_KW)
+"""
+
+
+def _save_traj(traj, path):
+    np.savez(path, observations=traj.observations, actions=traj.actions, rewards=traj.rewards,
+             next_observations=traj.next_observations, terminals=traj.terminals, episode_starts=traj.episode_starts)
+
+
+def _kill_when(tmp_path, traj, ready, what):
+    data, ckpt = str(tmp_path / "data.npz"), str(tmp_path / "ckpt")
+    _save_traj(traj, data)
+    code = CHILD.format(tests=os.path.dirname(__file__), data=data, config=CONFIG, ckpt=ckpt)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t0 = time.time()
+    while not ready(ckpt):
+        assert proc.poll() is None, f"child ended before the {what} stage: {proc.stderr.read().decode()[-2000:]}"
+        assert time.time() - t0 < 240, f"timed out waiting for the {what} stage"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(hopper_traj):
+    algo = tiny_config(**CONFIG).create(device="cpu:0")
+    algo.fit(hopper_traj, **FIT_KW)
+    return algo
+
+
+def _resume_and_compare(ckpt, traj, reference):
+    from ipd_agent import load_ipd
+
+    algo = tiny_config(**CONFIG).create(device="cpu:0")
+    algo.fit(traj, checkpoint_dir=ckpt, resume=True, **FIT_KW)
+    obs = traj.observations[::20]
+    np.testing.assert_array_equal(algo.predict(obs), reference.predict(obs))
+    a, b = algo.augmentation.trajectories, reference.augmentation.trajectories
+    assert a.observations.tobytes() == b.observations.tobytes()
+    # and the final checkpoint on disk is complete and equal too
+    np.testing.assert_array_equal(load_ipd(os.path.join(ckpt, "ipd.d3")).predict(obs), reference.predict(obs))
+
+
+def test_kill_during_world_model_stage_then_resume(tmp_path, hopper_traj, uninterrupted):
+    from ipd_agent import load_ipd
+
+    def value_done(ckpt):  # the checkpoint written right after the value stage: the world model is training
+        return os.path.exists(os.path.join(ckpt, "ipd.d3"))
+
+    ckpt = _kill_when(tmp_path, hopper_traj, value_done, "world-model")
+    saved = load_ipd(os.path.join(ckpt, "ipd.d3"))
+    assert saved.impl.stages.is_done("value") and not saved.impl.stages.is_done("world_model")
+    _resume_and_compare(ckpt, hopper_traj, uninterrupted)
+
+
+def test_kill_during_transformer_stage_then_resume(tmp_path, hopper_traj, uninterrupted):
+    import torch
+
+    def transformer_started(ckpt):
+        return os.path.exists(os.path.join(ckpt, "train_state.pt"))
+
+    ckpt = _kill_when(tmp_path, hopper_traj, transformer_started, "transformer")
+    st = torch.load(os.path.join(ckpt, "train_state.pt"), weights_only=False)
+    assert 0 < st["step"] < CONFIG["transformer"]["n_steps"]
+    _resume_and_compare(ckpt, hopper_traj, uninterrupted)
+
+
+def test_resume_needs_a_checkpoint_dir(hopper_traj):
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        tiny_config().create(device="cpu:0").fit(hopper_traj, resume=True, **FIT_KW)
