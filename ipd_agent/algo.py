@@ -109,6 +109,10 @@ class StageFlags(nn.Module):
         # hash of the augmentation (settings + data) the transformer was trained on
         self.register_buffer("augment_key", torch.zeros((), dtype=torch.long))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + "augment_key", torch.zeros((), dtype=torch.long))  # older checkpoints
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def is_done(self, stage: str) -> bool:
         return bool(self.done[STAGES.index(stage)])
 

@@ -69,6 +69,10 @@ class WindowSampler:
         ep = traj.episode_ids
         self.ep_end = torch.from_numpy(traj.episode_starts[1:][ep])  # exclusive end per row
         n_real = traj.n_episodes if n_real_episodes is None else n_real_episodes
+        # rows that teach an action: every real-episode row and the imagined rows of spliced episodes. The real
+        # prefix of a spliced episode is context only: its return tokens carry the imagined future, which its
+        # (real, worse) actions did not earn, so regressing them would teach "high g -> the old action".
+        self.learn = torch.from_numpy(traj.episode_ids < n_real) | torch.from_numpy(traj.imagined)
         real_rows = np.arange(traj.episode_starts[n_real])
         # imagined pool: window starts whose window reaches the imagined part of a spliced episode
         spliced = ep >= n_real
@@ -83,7 +87,7 @@ class WindowSampler:
         self.gen = torch.Generator().manual_seed(seed)
 
     def sample(self, batch: int):
-        """obs [B, K, o], act [B, K, a], rtg [B, K], mask [B, K] (1 where a real token)."""
+        """obs [B, K, o], act [B, K, a], rtg [B, K], mask [B, K] (1 where the token's action is a training target)."""
         n_im = int(round(batch * self.ratio))
         parts = [self.real_pool[torch.randint(0, len(self.real_pool), (batch - n_im,), generator=self.gen)]]
         if n_im:
@@ -92,7 +96,7 @@ class WindowSampler:
         idx = start[:, None] + torch.arange(self.k)[None, :]
         mask = idx < self.ep_end[start][:, None]
         idx = torch.where(mask, idx, start[:, None])  # padded slots point at a real row; masked out of the loss
-        return self.obs[idx], self.act[idx], self.rtg[idx], mask
+        return self.obs[idx], self.act[idx], self.rtg[idx], mask & self.learn[idx]
 
 
 class Block(nn.Module):

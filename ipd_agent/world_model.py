@@ -59,6 +59,11 @@ class WorldModel(nn.Module):
         self.register_buffer("fitted", torch.tensor(False))
         self.register_buffer("term_pos_weight", torch.ones(()))  # set from the data's terminal rate
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before the terminal up-weighting were trained unweighted
+        state_dict.setdefault(prefix + "term_pos_weight", torch.ones(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # ----- core forward --------------------------------------------------------------------
     def _forward_norm(self, x: torch.Tensor, members: Optional[torch.Tensor] = None):
         """x: [M, B, in] normalised input for members (all E if ``members`` is None)."""
