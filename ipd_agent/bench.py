@@ -59,7 +59,14 @@ def versions() -> dict:
 
     from . import __version__
 
-    return {"ipd_agent": __version__, "d3rlpy": d3rlpy.__version__, "torch": torch.__version__,
+    import subprocess
+
+    try:  # the exact code that produced a result row
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(__file__), timeout=10).stdout.strip() or None
+    except Exception:  # noqa: BLE001 - not a git checkout
+        commit = None
+    return {"ipd_agent": __version__, "git_commit": commit, "d3rlpy": d3rlpy.__version__, "torch": torch.__version__,
             "gymnasium": gymnasium.__version__, "mujoco": mujoco.__version__, "minari": minari.__version__,
             "python": platform.python_version(), "machine": platform.processor() or platform.machine()}
 
