@@ -7,6 +7,7 @@ difference comes from. Value function and world model are fitted once per seed a
     python benchmarks/ipd_vs_dt.py --profile tiny --seeds 0                     # a quick look
 """
 import argparse
+import glob
 import json
 import os
 
@@ -36,7 +37,9 @@ def main():
         variants = [v for v in VARIANTS if (v["algo"] + ("-" + v["tag"] if v.get("tag") else "")) in a.variants]
     # main comparison first (all seeds), ablations after
     jobs = [{**v, "dataset": a.dataset, "seed": s} for v in variants for s in a.seeds]
-    rows = run_sweep(jobs, prof, a.out, workers=a.workers, dataset_root=os.path.abspath(a.minari_path))
+    run_sweep(jobs, prof, a.out, workers=a.workers, dataset_root=os.path.abspath(a.minari_path))
+    # the table covers every finished run in the results folder (earlier invocations included)
+    rows = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(a.out, "runs", "*", "*.json")))]
     table = markdown_table(rows, [l for l in ("ipd", "dt", "ipd-no-guidance", "ipd-no-augment")
                                   if any(r["algo"] == l for r in rows)])
     times = {}
@@ -44,7 +47,10 @@ def main():
         if r["algo"] == "ipd":
             for k, v in r["stage_times_s"].items():
                 times.setdefault(k, []).append(v)
-    lines = [f"profile `{prof.name}`, seeds {a.seeds}, {prof.eval_episodes} evaluation episodes, last iterate", "",
+    seeds = sorted({r["seed"] for r in rows})
+    commits = sorted({str(r["versions"].get("git_commit")) for r in rows})
+    lines = [f"profile `{prof.name}`, seeds {seeds}, {prof.eval_episodes} evaluation episodes, last iterate, "
+             f"normalised score mean ± std over seeds (n per cell in results.json); code: {', '.join(commits)}", "",
              table, "", "IPD wall time per stage (s, mean over seeds): " +
              ", ".join(f"{k} {sum(v) / len(v):.0f}" for k, v in times.items())]
     print("\n".join(lines))
