@@ -199,3 +199,27 @@ def test_cli_make_dataset_writes_three_d4rl_style_datasets(tmp_path):
         assert np.abs(traj.actions).max() <= 1.0
         env = minari.load_dataset("ipd/invertedpendulum/medium-v0").recover_environment()
         assert np.all(env.action_space.high == 1.0)
+
+
+def test_cli_fit_then_deploy_loop_example(tmp_path, hopper_episodes):
+    """`ipd-agent fit` on a real Minari file, then examples/deploy_loop.py runs the saved model in Gymnasium."""
+    import os
+
+    from conftest import write_minari
+
+    write_minari(tmp_path / "mds", "test/hopper/random-v0", "Hopper-v5", hopper_episodes[:40])
+    cfg = {"value": {"n_steps": 100, "hidden_units": [32, 32]},
+           "world_model": {"max_steps": 100, "eval_every": 50, "hidden_size": 16, "n_layers": 1},
+           "planner": {"n_samples": 8, "n_iterations": 1}, "augment": {"n_branches": 8, "segment_length": 4},
+           "transformer": {"hidden_size": 16, "n_layers": 1}, "context_size": 4}
+    model = str(tmp_path / "m.d3")
+    out = run_cli("fit", "test/hopper/random-v0", "--minari-path", str(tmp_path / "mds"), "--config", json.dumps(cfg),
+                  "--n-steps", "10", "--out", model, "--logdir", str(tmp_path / "logs"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout[out.stdout.rindex("\n{") + 1:])  # the command's JSON is printed last
+    assert set(res["stage_times_s"]) == {"value", "world_model", "augment", "transformer"}
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "deploy_loop.py")
+    run = subprocess.run([sys.executable, example, model, "--env", "Hopper-v5", "--episodes", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("episode ") == 2 and "mean return" in run.stdout

@@ -80,3 +80,35 @@ def test_two_hundred_episodes_through_the_stateful_policy_do_not_grow_memory(fit
     run(200)
     gc.collect()
     assert _rss_mib() - before < 20.0  # MiB; a leaked context per episode would grow without bound
+
+
+AUG_MEMORY_CHILD = """
+import os, resource, sys, numpy as np, torch
+torch.set_num_threads(1)
+os.environ["MINARI_DATASETS_PATH"] = {root!r}
+from ipd_agent import IPDConfig, load_minari
+traj, _ = load_minari("d4rlstyle/halfcheetah/full-replay-v0")   # the largest shared dataset: 300k transitions
+algo = IPDConfig(world_model={{"hidden_size": 200}}, augment={{"n_branches": 512, "chunk_size": 256}},
+                 planner={{"n_samples": 16, "n_iterations": 1}}).create("cpu:0")
+algo.create_impl((traj.observation_dim,), traj.action_dim)
+impl = algo.impl
+# untrained networks cost the same memory as trained ones; mark stages 1-2 done and calibrate kappa on real pairs
+o, a = torch.from_numpy(traj.observations[:5000]), torch.from_numpy(traj.actions[:5000])
+impl.world_model.calibrate_threshold(o, a)
+impl.stages.mark("value"); impl.stages.mark("world_model")
+res = algo.augment(traj, show_progress=False)
+print("PEAK_RSS_MIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, res.summary()["n_branches"])
+"""
+
+
+def test_augmentation_over_the_largest_shared_dataset_stays_under_4_gib(shared_datasets):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", AUG_MEMORY_CHILD.format(root=str(shared_datasets))],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = [l for l in out.stdout.splitlines() if l.startswith("PEAK_RSS_MIB")][0]
+    peak, n_branches = float(line.split()[1]), int(line.split()[2])
+    print(f"augmentation peak RSS over 300k transitions: {peak:.0f} MiB")
+    assert n_branches == 512 and peak < 4096
