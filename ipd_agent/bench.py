@@ -50,6 +50,20 @@ def load_profile(path_or_name: str) -> Profile:
     raise FileNotFoundError(f"No profile {path_or_name!r}: pass a JSON file or one of cpu, gpu, tiny.")
 
 
+def _git_commit() -> Optional[str]:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(__file__), timeout=10).stdout.strip()
+        return out or None
+    except Exception:  # noqa: BLE001 - not a git checkout
+        return None
+
+
+_COMMIT_AT_IMPORT = _git_commit()  # the code that is running, even if the checkout moves on meanwhile
+
+
 def versions() -> dict:
     import d3rlpy
     import gymnasium
@@ -59,14 +73,7 @@ def versions() -> dict:
 
     from . import __version__
 
-    import subprocess
-
-    try:  # the exact code that produced a result row
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__), timeout=10).stdout.strip() or None
-    except Exception:  # noqa: BLE001 - not a git checkout
-        commit = None
-    return {"ipd_agent": __version__, "git_commit": commit, "d3rlpy": d3rlpy.__version__, "torch": torch.__version__,
+    return {"ipd_agent": __version__, "git_commit": _COMMIT_AT_IMPORT, "d3rlpy": d3rlpy.__version__, "torch": torch.__version__,
             "gymnasium": gymnasium.__version__, "mujoco": mujoco.__version__, "minari": minari.__version__,
             "python": platform.python_version(), "machine": platform.processor() or platform.machine()}
 
