@@ -238,3 +238,55 @@ def test_a_checkpoint_of_another_algorithm_is_rejected(hopper_traj, tmp_path):
     path = tmp_path / "bc.d3"
     bc.save(str(path))
     fails_fast(ValueError, r"holds a BC, not an IPD model", load_ipd, str(path))
+
+
+def test_image_observations_are_rejected_with_a_clear_message():
+    rng = np.random.default_rng(0)
+    ds = d3rlpy.dataset.MDPDataset(
+        observations=rng.integers(0, 255, size=(40, 3, 8, 8), dtype=np.uint8),
+        actions=rng.uniform(-1, 1, (40, 2)).astype(np.float32), rewards=np.ones((40, 1), np.float32),
+        terminals=np.eye(1, 40, 39).ravel().astype(np.float32))
+    algo = tiny_config().create(device="cpu:0")
+    with pytest.raises(DatasetError, match="flat vector observations.*not supported"):
+        algo.fit(ds, **FIT_KW)
+    assert algo.impl is None
+
+
+def test_dict_action_space_env_is_rejected(hopper_traj):
+    class DictActions(gym.Wrapper):
+        def __init__(self, env):
+            super().__init__(env)
+            self.action_space = gym.spaces.Dict({"a": env.action_space})
+
+    algo = tiny_config().create(device="cpu:0")
+    with pytest.raises(DatasetError, match="Box action space"):
+        algo.fit(hopper_traj, eval_env=DictActions(gym.make("Hopper-v5")), **FIT_KW)
+    assert algo.impl is None
+
+
+def test_checkpoint_from_an_incompatible_version_is_rejected(fitted, tmp_path):
+    """A file whose saved shapes no longer match the networks (as after an incompatible upgrade)."""
+    import json
+    import pickle
+
+    from ipd_agent import load_ipd
+
+    with open(fitted.path, "rb") as f:
+        obj = pickle.load(f)
+    cfg = json.loads(obj["config"])
+    cfg["config"]["params"]["transformer"]["hidden_size"] *= 2  # same file, other architecture
+    obj["config"], obj["version"] = json.dumps(cfg), "0.0.1"
+    bad = tmp_path / "old.d3"
+    with open(bad, "wb") as f:
+        pickle.dump(obj, f)
+    with pytest.raises(ValueError, match="incompatible version"):
+        load_ipd(str(bad))
+
+
+def test_nan_transformer_loss_names_stage_and_step_and_keeps_last_good_weights(loaded_copy, fitted):
+    import torch
+
+    loaded_copy.config.transformer.learning_rate = 1e30
+    with pytest.raises(FloatingPointError, match=r"transformer stage: loss became .* at step \d+"):
+        loaded_copy.fit(fitted.traj, n_steps=200, **FIT_KW)
+    assert all(torch.isfinite(p).all() for p in loaded_copy.impl.transformer.parameters())
