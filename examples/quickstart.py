@@ -1,7 +1,7 @@
 """End-to-end IPD on a small built-in default, no download needed.
 
-1. Make a D4RL-style ``medium-replay`` dataset: train SB3 SAC briefly on a MuJoCo task and keep
-   its replay buffer (Minari format, written under ``--out``).
+1. Make a D4RL-style ``full-replay`` dataset: train SB3 SAC briefly on a MuJoCo task and keep
+   its whole replay buffer (Minari format, written under ``--out``).
 2. Fit IPD (value function -> world model -> imaginary planning -> value-guided transformer).
 3. Fit d3rlpy's DecisionTransformer on the same dataset object, same transformer size and steps.
 4. Evaluate both in the real environment, print a table of normalised scores and save a plot.
@@ -28,7 +28,7 @@ def main() -> None:
     p.add_argument("--dataset", default=None, help="use this Minari dataset id instead of making one")
     p.add_argument("--minari-path", default=None, help="MINARI_DATASETS_PATH for --dataset")
     p.add_argument("--value-steps", type=int, default=5000, help="IQL steps (IPD stage 1)")
-    p.add_argument("--transformer-steps", type=int, default=3000, help="transformer steps for IPD and DT alike")
+    p.add_argument("--transformer-steps", type=int, default=2000, help="transformer steps for IPD and DT alike")
     p.add_argument("--episodes", type=int, default=10, help="evaluation episodes per algorithm")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -46,12 +46,12 @@ def main() -> None:
         from ipd_agent.collect import make_d4rl_datasets
 
         root = os.path.join(args.out, "datasets")
-        print(f"[1/4] making a medium-replay dataset: SB3 SAC on {args.env} for {args.sac_steps} steps")
+        print(f"[1/4] making D4RL-style datasets: SB3 SAC on {args.env} for {args.sac_steps} steps (full replay used)")
         t0 = time.perf_counter()
         info = make_d4rl_datasets(args.env, args.sac_steps, root, seed=args.seed)
         timings["make dataset"] = time.perf_counter() - t0
-        dataset_id = info["medium-replay"]["dataset_id"]
-        print(json.dumps(info["medium-replay"]))
+        dataset_id = info["full-replay"]["dataset_id"]  # the whole SAC replay buffer: poor to good episodes
+        print(json.dumps(info["full-replay"]))
     else:
         root, dataset_id = args.minari_path, args.dataset
         if root:
@@ -74,7 +74,7 @@ def main() -> None:
         value={"n_steps": args.value_steps, "tau": 0.05},  # faster value propagation on a short CPU budget
         world_model={"max_steps": 2000, "eval_every": 250},
         planner={"n_samples": 32, "n_iterations": 2},
-        augment={"n_branches": 500},
+        augment={"n_branches": 300},
         transformer={"n_steps": args.transformer_steps, "hidden_size": 64, "n_layers": 2},
     )
     ipd = cfg.create(device="cpu:0")
