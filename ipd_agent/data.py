@@ -222,6 +222,12 @@ class Trajectories:
                     infos={"imagined": d["imagined"], "branch_id": d["branch_ids"]},
                 )
             )
+        if env is None:  # no environment: describe the spaces from the data (IPD's actions are in [-1, 1])
+            import gymnasium
+
+            metadata.setdefault("observation_space", gymnasium.spaces.Box(-np.inf, np.inf, (self.observation_dim,),
+                                                                          np.float32))
+            metadata.setdefault("action_space", gymnasium.spaces.Box(-1.0, 1.0, (self.action_dim,), np.float32))
         return minari.create_dataset_from_buffers(dataset_id=dataset_id, buffer=eps, env=env, **metadata)
 
 

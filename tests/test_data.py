@@ -229,3 +229,16 @@ def test_fit_accepts_a_minari_dataset_by_path_and_by_object(pendulum):
         assert algo.stage_times[stage] == times[stage]
     assert algo.stage_times["transformer"] > times["transformer"]
     assert out2["augmentation"] == out["augmentation"]
+
+
+def test_to_minari_without_an_env_describes_spaces_from_the_data(hopper_traj, tmp_path):
+    import minari
+
+    from conftest import minari_root
+
+    with minari_root(tmp_path):
+        hopper_traj.to_minari("test/hopper/noenv-v0")
+        ds = minari.load_dataset("test/hopper/noenv-v0")
+        assert ds.action_space.shape == (hopper_traj.action_dim,)
+        assert ds.observation_space.shape == (hopper_traj.observation_dim,)
+        assert ds.total_steps == hopper_traj.n_transitions
