@@ -112,17 +112,18 @@ def main() -> None:
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"dataset": dataset_id, "results": results, "timings": timings,
                    "ipd_stage_times": out["stage_times"], "augmentation": out["augmentation"]}, f, indent=1)
-    _plot(results, data_norm, out["augmentation"], ipd, os.path.join(args.out, "quickstart.png"), dataset_id, ref)
+    _plot(results, data_norm, ipd, os.path.join(args.out, "quickstart.png"), dataset_id, ref)
     print(f"plot: {os.path.join(args.out, 'quickstart.png')}")
 
 
-def _plot(results, data_norm, aug, ipd, path, dataset_id, ref) -> None:
+def _plot(results, data_norm, ipd, path, dataset_id, ref) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from ipd_agent.data import normalized_score
+    from ipd_agent.report import plot_segment_values, plot_uncertainty
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     names = ["dataset"] + list(results)
@@ -131,23 +132,9 @@ def _plot(results, data_norm, aug, ipd, path, dataset_id, ref) -> None:
     axes[0].bar(names, means, yerr=errs, capsize=6, color=["#999999", "#1f77b4", "#ff7f0e"])
     axes[0].set_ylabel("normalised score")
     axes[0].set_title(f"{dataset_id}")
-    res = ipd.augmentation
-    if res is not None and len(res.branch_rows):
-        acc = res.accepted
-        axes[1].scatter(res.real_values[~acc], res.imagined_values[~acc], s=8, c="#d62728", label="rejected")
-        axes[1].scatter(res.real_values[acc], res.imagined_values[acc], s=8, c="#2ca02c", label="accepted")
-        lo = min(res.real_values.min(), res.imagined_values.min())
-        hi = max(res.real_values.max(), res.imagined_values.max())
-        axes[1].plot([lo, hi], [lo, hi], "k--", lw=1)
-        axes[1].set_xlabel("real segment value")
-        axes[1].set_ylabel("imagined segment value")
-        axes[1].legend()
-        axes[1].set_title(f"branches: {aug['n_accepted']}/{aug['n_branches']} accepted")
-        if len(res.uncertainties):
-            axes[2].hist(np.log10(res.uncertainties + 1e-12), bins=40, color="#9467bd")
-            axes[2].axvline(np.log10(res.threshold), color="k", ls="--", label="threshold κ")
-            axes[2].set_xlabel("log10 uncertainty of executed imagined steps")
-            axes[2].legend()
+    if ipd.augmentation is not None:  # the same panels as `ipd-agent augment --report`
+        plot_segment_values(axes[1], ipd.augmentation)
+        plot_uncertainty(axes[2], ipd.augmentation)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

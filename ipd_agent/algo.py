@@ -371,7 +371,6 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
                 torch.set_rng_state(st["torch_rng"])
                 step, self._grad_step = st["step"], st["grad_step"]
         net.train()
-        n_epochs = max(1, int(np.ceil(n_steps / n_steps_per_epoch))) if n_steps > 0 else 0
         last: dict = {}
         bar = tqdm(range(step, n_steps), desc="transformer", disable=not show_progress or n_steps == 0,
                    initial=step, total=n_steps)
@@ -419,8 +418,6 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
                                     "augment_key": int(impl.stages.augment_key), "optim": self._optim.state_dict(),
                                     "sched": self._sched.state_dict(), "sampler_rng": sampler.gen.get_state(),
                                     "torch_rng": torch.get_rng_state()}, state_path)
-        if n_epochs and step == n_steps:
-            impl.stages.mark("transformer")
         net.eval()
         return last
 

@@ -198,7 +198,7 @@ def fit_world_model(
         model.out_std.copy_(torch.from_numpy(y_all[train].std(0) + 1e-6))
         n_pos = float(d_all[train].sum())
         # sqrt of the class ratio: recall on rare terminals without flooding rollouts with false stops
-        model.term_pos_weight.fill_(float(np.sqrt((len(train) - n_pos) / max(n_pos, 1.0))) if n_pos > 0 else 1.0)
+        model.term_pos_weight.fill_(float(np.sqrt((len(train) - n_pos) / n_pos)) if n_pos > 0 else 1.0)
     xt = (torch.from_numpy(x_all) - model.in_mean) / model.in_std
     yt = (torch.from_numpy(y_all) - model.out_mean) / model.out_std
     dt = torch.from_numpy(d_all)
