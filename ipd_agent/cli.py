@@ -177,7 +177,8 @@ def _bench(args) -> int:
     from .bench import load_profile, markdown_table, run_sweep
 
     prof = load_profile(args.profile)
-    jobs = [{"algo": a, "dataset": d, "seed": s} for a in args.algos for d in args.datasets for s in args.seeds]
+    # seed-major order: an interrupted sweep leaves whole seeds (every dataset and algorithm) finished
+    jobs = [{"algo": a, "dataset": d, "seed": s} for s in args.seeds for d in args.datasets for a in args.algos]
     root = os.path.abspath(args.minari_path) if args.minari_path else os.environ.get("MINARI_DATASETS_PATH")
     rows = run_sweep(jobs, prof, args.out, workers=args.workers, dataset_root=root)
     table = markdown_table(rows, args.algos)
