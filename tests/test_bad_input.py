@@ -290,3 +290,29 @@ def test_nan_transformer_loss_names_stage_and_step_and_keeps_last_good_weights(l
     with pytest.raises(FloatingPointError, match=r"transformer stage: loss became .* at step \d+"):
         loaded_copy.fit(fitted.traj, n_steps=200, **FIT_KW)
     assert all(torch.isfinite(p).all() for p in loaded_copy.impl.transformer.parameters())
+
+
+def test_dict_observation_minari_dataset_is_rejected(tmp_path):
+    """A real Minari file whose observations are a Dict space (as goal-conditioned tasks write them)."""
+    import warnings
+
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    from conftest import minari_root
+
+    eps = collect_episodes("Pendulum-v1", 2, seed=0, max_steps=20)
+    obs_space = gym.spaces.Dict({"state": gym.make("Pendulum-v1").observation_space})
+    buf = [EpisodeBuffer(id=i, seed=e["seed"], observations={"state": e["observations"]}, actions=e["actions"],
+                         rewards=e["rewards"], terminations=e["terminations"], truncations=e["truncations"], infos={})
+           for i, e in enumerate(eps)]
+    with minari_root(tmp_path), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = minari.create_dataset_from_buffers(dataset_id="ipdtest/dictobs-v0", buffer=buf, env="Pendulum-v1",
+                                                observation_space=obs_space, author="ipd-agent tests",
+                                                algorithm_name="random")
+    assert isinstance(ds.observation_space, gym.spaces.Dict)  # the file really holds dict observations
+    fails_fast(DatasetError, r"flat Box observations.*Dict.*flatten", fresh_fit, ds)
+    assert_untrained()
+    fails_fast(DatasetError, r"Dict and image observations are not supported",
+               to_trajectories, str(tmp_path / "ipdtest" / "dictobs-v0"))
