@@ -8,7 +8,9 @@
 2. world-model ensemble: training samples/s and one-step prediction throughput;
 3. MPC: imagined transitions/s and planner calls/s, batched vs a naive per-branch-state loop of the same planner;
 4. inference latency per step (batch 1): our stateful policy vs d3rlpy's StatefulTransformerWrapper, and the
-   exported TorchScript policy.
+   exported TorchScript policy;
+5. bf16 accuracy: held-out action error after the same training in fp32 and in bf16 autocast (real data);
+   ``--profile`` prints torch.profiler's top ops of our training step.
 Whole-fit wall time per stage comes from the benchmark runs (stage_times_s in each result row).
 """
 from __future__ import annotations
@@ -80,6 +82,85 @@ def transformer_training(obs_dim: int, act_dim: int, hidden: int, layers: int, k
     out["speedup_fp32"] = out["ours_fp32"] / out["d3rlpy_dt"]
     out["speedup_bf16"] = out["ours_bf16"] / out["d3rlpy_dt"]
     return out, dt
+
+
+def bf16_accuracy(minari_path: str, dataset_id: str, hidden: int, layers: int, k: int, batch: int, n: int) -> dict:
+    """Same seed, same batches, fp32 vs bf16 autocast training on real data: held-out action MSE of each.
+
+    Return tokens are plain discounted returns-to-go (no value function needed); 10% of episodes are held out.
+    """
+    import os
+
+    from ipd_agent.config import TransformerNetConfig
+    from ipd_agent.data import Trajectories, load_minari
+    from ipd_agent.transformer import CausalTransformer, WindowSampler, value_returns_to_go, value_guided_loss
+
+    os.environ["MINARI_DATASETS_PATH"] = os.path.abspath(minari_path)
+    traj, _ = load_minari(dataset_id)
+    rtg = value_returns_to_go(traj, np.zeros(traj.n_transitions, np.float32), 0.99)
+    n_val = max(1, traj.n_episodes // 10)
+    cut = int(traj.episode_starts[traj.n_episodes - n_val])
+    train = Trajectories(traj.observations[:cut], traj.actions[:cut], traj.rewards[:cut],
+                         traj.next_observations[:cut], traj.terminals[:cut],
+                         traj.episode_starts[:traj.n_episodes - n_val + 1])
+    val = Trajectories(traj.observations[cut:], traj.actions[cut:], traj.rewards[cut:],
+                       traj.next_observations[cut:], traj.terminals[cut:],
+                       traj.episode_starts[traj.n_episodes - n_val:] - cut)
+    vo, va, vg, vm = WindowSampler(val, rtg[cut:], k, 0.0, seed=123).sample(2048)
+    out = {"dataset": dataset_id, "steps": n, "hidden": hidden, "layers": layers}
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        net = CausalTransformer(traj.observation_dim, traj.action_dim, k,
+                                TransformerNetConfig(hidden_size=hidden, n_layers=layers))
+        net.obs_mean.copy_(torch.from_numpy(train.observations.mean(0)))
+        net.obs_std.copy_(torch.from_numpy(train.observations.std(0) + 1e-6))
+        net.rtg_scale.fill_(float(np.abs(rtg[:cut]).mean()))
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
+        sampler = WindowSampler(train, rtg[:cut], k, 0.0, seed=0)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            o, a, g, m = sampler.sample(batch)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                p = net(o, a, g)
+            loss, _ = value_guided_loss(p.float(), a, o, m, None, 0.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        dt = time.perf_counter() - t0
+        net.eval()
+        with torch.no_grad():
+            mse = float(((((net(vo, va, vg) - va) ** 2).sum(-1)) * vm).sum() / vm.sum())
+        key = "bf16" if bf16 else "fp32"
+        out[f"{key}_heldout_action_mse"], out[f"{key}_train_s"] = mse, dt
+    return out
+
+
+def profile_transformer(obs_dim: int, act_dim: int, hidden: int, layers: int, k: int, batch: int, bf16: bool) -> str:
+    """torch.profiler table (top 10 ops by self CPU time) of 10 training steps of our transformer."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ipd_agent.config import TransformerNetConfig
+    from ipd_agent.transformer import CausalTransformer, value_guided_loss
+
+    net = CausalTransformer(obs_dim, act_dim, k, TransformerNetConfig(hidden_size=hidden, n_layers=layers))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    o, a, g = torch.randn(batch, k, obs_dim), torch.rand(batch, k, act_dim) * 2 - 1, torch.randn(batch, k)
+    m = torch.ones(batch, k, dtype=torch.bool)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            p = net(o, a, g)
+        loss, _ = value_guided_loss(p.float(), a, o, m, None, 0.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(10):
+            step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10)
 
 
 def world_model_and_planner(obs_dim: int, act_dim: int, n_branches: int) -> dict:
@@ -164,11 +245,22 @@ def main() -> None:
     p.add_argument("--branches", type=int, default=256, help="branch states planned in one batched call")
     p.add_argument("--steps", type=int, default=20, help="timed transformer steps per implementation")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
+    p.add_argument("--minari-path", default="../shared/datasets", help="for the bf16 accuracy check")
+    p.add_argument("--accuracy-steps", type=int, default=1500, help="training steps of the bf16 accuracy check; 0 skips")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of a training step")
     a = p.parse_args()
     torch.set_num_threads(1)
     obs_dim, act_dim = 11, 3  # Hopper-sized
     res = {"threads": torch.get_num_threads(), "hidden": a.hidden, "layers": a.layers, "context": a.context,
            "batch": a.batch}
+    if a.profile:
+        for bf16 in (False, True):
+            print(f"--- torch.profiler, our transformer, {'bf16' if bf16 else 'fp32'}, 10 training steps ---")
+            print(profile_transformer(obs_dim, act_dim, a.hidden, a.layers, a.context, a.batch, bf16), flush=True)
+    if a.accuracy_steps:
+        res["bf16_accuracy"] = bf16_accuracy(a.minari_path, "d4rlstyle/hopper/medium-replay-v0", 64, 2, a.context,
+                                             a.batch, a.accuracy_steps)
+        print(json.dumps(res["bf16_accuracy"], indent=1), flush=True)
     res["transformer_steps_per_s"], dt = transformer_training(obs_dim, act_dim, a.hidden, a.layers, a.context,
                                                               a.batch, a.steps)
     print(json.dumps(res["transformer_steps_per_s"], indent=1), flush=True)

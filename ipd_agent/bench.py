@@ -36,6 +36,8 @@ class Profile:
                                                                           "Walker2d": 5000.0})
     ipd: dict = dataclasses.field(default_factory=dict)  # IPDConfig overrides (nested dicts)
     threads: int = 1  # torch threads per run
+    curve_points: int = 5  # learning-curve evaluations per run (the last one is the final evaluation)
+    curve_episodes: int = 3  # episodes per intermediate learning-curve evaluation (cheaper than the final one)
 
 
 def load_profile(path_or_name: str) -> Profile:
@@ -175,6 +177,27 @@ def run_one(algo_name: str, dataset_id: str, seed: int, profile: Profile, out_di
     t0 = time.perf_counter()
     stage_times, extra, config = {}, {}, {}
     target = None
+    if algo_name == "dt":
+        target = next((v for k, v in profile.dt_target_return.items() if env_id.startswith(k)), 3600.0)
+    eval_env = meta.get("env_spec") or env_id
+    steps = profile.transformer_steps if algo_name in ("ipd", "dt") else profile.q_steps
+    # learning curve: a short evaluation at evenly spaced steps, timed apart from training
+    marks = {round(steps * i / profile.curve_points) for i in range(1, profile.curve_points)}
+    curve, eval_time = [], [0.0]
+
+    def on_step(model, epoch, step):
+        if step not in marks:
+            return
+        te = time.perf_counter()
+        net = model.impl.transformer if algo_name == "ipd" else None
+        if net is not None:
+            net.eval()  # no dropout while evaluating; d3rlpy's algorithms switch modes themselves
+        r = evaluate(model, eval_env, profile.curve_episodes, seed, target)
+        if net is not None:
+            net.train()
+        curve.append({"step": step, "normalized_score": float(np.mean([normalized_score(x, ref) for x in r]))})
+        eval_time[0] += time.perf_counter() - te
+
     if algo_name == "ipd":
         cfg = make_ipd_config(profile, seed, ipd_overrides)
         algo, pre_times = prefit_ipd(cfg, traj, dataset_id, out_dir)
@@ -182,30 +205,31 @@ def run_one(algo_name: str, dataset_id: str, seed: int, profile: Profile, out_di
         t0 = time.perf_counter()  # stages 1-2 are timed by the prefit and added below
         out = algo.fit(traj, n_steps=profile.transformer_steps, n_steps_per_epoch=max(1, profile.transformer_steps),
                        experiment_name=f"{label}_{dataset_id.replace('/', '_')}_s{seed}", logger_adapter=adapter,
-                       show_progress=False)
+                       show_progress=False, callback=on_step)
         stage_times = {**pre_times, **{k: v for k, v in out["stage_times"].items() if k not in pre_times}}
         extra = {"augmentation": out["augmentation"]}
         config = json.loads(cfg.serialize())
     else:
         algo = _baseline(algo_name, profile, "cpu:0")
         ds = traj.to_d3rlpy()
-        steps = profile.transformer_steps if algo_name == "dt" else profile.q_steps
         algo.fit(ds, n_steps=steps, n_steps_per_epoch=steps, experiment_name=f"{label}_{dataset_id.replace('/', '_')}_s{seed}",
-                 logger_adapter=adapter, show_progress=False, save_interval=10**9)
+                 logger_adapter=adapter, show_progress=False, save_interval=10**9, callback=on_step)
         config = json.loads(algo.config.serialize())
-        if algo_name == "dt":
-            target = next((v for k, v in profile.dt_target_return.items() if env_id.startswith(k)), 3600.0)
-    train_time = time.perf_counter() - t0
+    train_time = time.perf_counter() - t0 - eval_time[0]
     if algo_name == "ipd":
         train_time += pre_times.get("value", 0.0) + pre_times.get("world_model", 0.0)
-    rets = evaluate(algo, meta.get("env_spec") or env_id, profile.eval_episodes, seed, target)
+    rets = evaluate(algo, eval_env, profile.eval_episodes, seed, target)
     scores = [normalized_score(r, ref) for r in rets]
+    curve.append({"step": steps, "normalized_score": float(np.mean(scores))})
+    import resource
+
     row = {
         "algo": label, "dataset": dataset_id, "env_id": env_id, "seed": seed,
         "return_mean": float(np.mean(rets)), "returns": [float(r) for r in rets],
         "normalized_score": float(np.mean(scores)), "train_wall_time_s": train_time,
         "stage_times_s": stage_times, "profile": dataclasses.asdict(profile),
-        "gradient_steps": profile.transformer_steps if algo_name in ("ipd", "dt") else profile.q_steps,
+        "gradient_steps": steps, "learning_curve": curve,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # whole process, one run each
         "versions": versions(), "config": config, **extra,
     }
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -275,7 +299,8 @@ def run_sweep(jobs: list[dict], profile: Profile, out_dir: str, workers: int = 2
     from tqdm.auto import tqdm
 
     rows = []
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # a fresh process per run: no state carried between runs, and peak memory is the run's own
+    with ProcessPoolExecutor(max_workers=workers, max_tasks_per_child=1) as pool:
         # stages 1-2 first, once per (dataset, seed, settings), so variants never race to fit them
         pre, seen = [], set()
         for j in jobs:

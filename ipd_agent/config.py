@@ -90,4 +90,4 @@ class TransformerNetConfig(SerializableConfig):
     value_guidance: float = 1.0  # alpha: weight of the -Q(s, pi)/mean|Q| term; 0 disables it
     rtg_relabel: str = "max"  # return tokens: "max" = QDT relabel r + γ·max(g', V(s')); "one_step" = r + γ·V(s')
     imagined_ratio: float = 0.5  # share of each batch drawn from imagined episodes (when any exist)
-    bf16: bool = False  # bf16 autocast on CPUs that support it
+    bf16: bool = True  # bf16 autocast in training where the CPU has native bf16 (AVX512-BF16/AMX); fp32 elsewhere

@@ -5,8 +5,10 @@
   ``V(s_end)`` unless it is a true terminal.
 * ``WindowSampler`` keeps the whole training set as flat tensors and cuts context windows with one
   gather — no per-sample slicing.
-* ``CausalTransformer`` reads (g_t, s_t, a_t) token triples and predicts a_t from the s_t token,
-  using fused ``scaled_dot_product_attention`` with a causal mask.
+* ``CausalTransformer`` reads two tokens per step, (g_t + s_t) and a_t, and predicts a_t from the
+  first, using fused ``scaled_dot_product_attention`` with a causal mask. DT's three tokens per step
+  carry the same information (its s_t token sees g_t through attention); two cut the sequence, and so
+  nearly all of the matmul work, by a third.
 
 Windows start at any step and are right-padded at episode ends; with causal attention padding only
 ever follows real tokens, so a window of n real steps is seen exactly as an n-step context at
@@ -121,7 +123,7 @@ class Block(nn.Module):
 
 
 class CausalTransformer(nn.Module):
-    """(g, s, a) token triples -> a_t predicted from the s_t token, tanh-bounded."""
+    """Tokens (g_t + s_t), a_t per step -> a_t predicted from the (g_t + s_t) token, tanh-bounded."""
 
     def __init__(self, obs_dim: int, act_dim: int, context: int, cfg: TransformerNetConfig) -> None:
         super().__init__()
@@ -133,7 +135,7 @@ class CausalTransformer(nn.Module):
         self.embed_obs = nn.Linear(obs_dim, d)
         self.embed_act = nn.Linear(act_dim, d)
         self.pos = nn.Parameter(torch.zeros(1, context, d))  # position inside the window
-        self.kind = nn.Parameter(torch.zeros(3, d))  # token type: return, state, action
+        self.kind = nn.Parameter(torch.zeros(2, d))  # token type: return-and-state, action
         self.ln_in = nn.LayerNorm(d)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(d, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers))
@@ -150,14 +152,14 @@ class CausalTransformer(nn.Module):
         """obs [B, T, o], act [B, T, a], rtg [B, T] with T <= context -> actions [B, T, a]."""
         b, t, _ = obs.shape
         pos = self.pos[:, :t]
-        g = self.embed_rtg((rtg / self.rtg_scale).unsqueeze(-1)) + pos + self.kind[0]
-        s = self.embed_obs((obs - self.obs_mean) / self.obs_std) + pos + self.kind[1]
-        a = self.embed_act(act) + pos + self.kind[2]
-        x = torch.stack([g, s, a], dim=2).reshape(b, 3 * t, -1)  # g_0 s_0 a_0 g_1 s_1 a_1 ...
+        gs = (self.embed_rtg((rtg / self.rtg_scale).unsqueeze(-1)) + self.embed_obs((obs - self.obs_mean) / self.obs_std)
+              + pos + self.kind[0])
+        a = self.embed_act(act) + pos + self.kind[1]
+        x = torch.stack([gs, a], dim=2).reshape(b, 2 * t, -1)  # gs_0 a_0 gs_1 a_1 ...
         x = self.drop(self.ln_in(x))
         for blk in self.blocks:
             x = blk(x)
-        x = self.ln_out(x).reshape(b, t, 3, -1)[:, :, 1]  # outputs at the state tokens
+        x = self.ln_out(x).reshape(b, t, 2, -1)[:, :, 0]  # outputs at the (g, s) tokens
         return torch.tanh(self.head(x))
 
 

@@ -1,0 +1,43 @@
+"""The benchmark harness: real d3rlpy baselines and IPD on one real Minari file, in worker processes."""
+from __future__ import annotations
+
+import time
+
+from ipd_agent.bench import Profile, markdown_table, run_sweep
+
+from conftest import write_minari
+
+PROFILE = Profile(
+    name="test", q_steps=200, transformer_steps=40, transformer_hidden=32, transformer_layers=1, eval_episodes=2,
+    curve_points=2, curve_episodes=1,
+    ipd={"context_size": 5, "value": {"hidden_units": [64, 64]},
+         "world_model": {"max_steps": 200, "eval_every": 100, "hidden_size": 32, "n_layers": 2},
+         "planner": {"n_samples": 16, "n_iterations": 2}, "augment": {"n_branches": 32, "segment_length": 5}},
+)
+
+
+def test_sweep_rows_curves_and_resume(hopper_episodes, tmp_path):
+    root = tmp_path / "datasets"
+    write_minari(root, "ipdtest/hopper-random-v0", "Hopper-v5", hopper_episodes[:40])
+    jobs = [{"algo": a, "dataset": "ipdtest/hopper-random-v0", "seed": 0} for a in ("ipd", "bc")]
+    out = str(tmp_path / "results")
+    rows = run_sweep(jobs, PROFILE, out, workers=2, dataset_root=str(root), show_progress=False)
+    by_algo = {r["algo"]: r for r in rows}
+    assert set(by_algo) == {"ipd", "bc"}
+    for name, r in by_algo.items():
+        steps = [p["step"] for p in r["learning_curve"]]
+        assert steps == [r["gradient_steps"] // 2, r["gradient_steps"]], name
+        assert r["learning_curve"][-1]["normalized_score"] == r["normalized_score"]
+        assert len(r["returns"]) == PROFILE.eval_episodes and r["peak_rss_mib"] > 0
+        assert r["versions"]["d3rlpy"] and r["config"] and r["profile"]["q_steps"] == 200
+    assert by_algo["bc"]["gradient_steps"] == 200 and by_algo["ipd"]["gradient_steps"] == 40
+    assert set(by_algo["ipd"]["stage_times_s"]) == {"value", "world_model", "augment", "transformer"}
+    assert by_algo["ipd"]["augmentation"]["n_branches"] > 0
+    assert by_algo["ipd"]["config"]["transformer"]["hidden_size"] == 32  # the profile reached the model
+    # finished runs are read back, not re-run
+    t0 = time.perf_counter()
+    again = run_sweep(jobs, PROFILE, out, workers=1, dataset_root=str(root), show_progress=False)
+    assert time.perf_counter() - t0 < 30
+    assert sorted(again, key=lambda r: r["algo"]) == sorted(rows, key=lambda r: r["algo"])
+    table = markdown_table(rows, ["ipd", "bc"])
+    assert "ipdtest/hopper-random-v0" in table and table.count("±") == 2
