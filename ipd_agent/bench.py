@@ -221,6 +221,12 @@ def run_one(algo_name: str, dataset_id: str, seed: int, profile: Profile, out_di
     rets = evaluate(algo, eval_env, profile.eval_episodes, seed, target)
     scores = [normalized_score(r, ref) for r in rets]
     curve.append({"step": steps, "normalized_score": float(np.mean(scores))})
+    if algo_name == "ipd":
+        extra["target_rtg"] = _target_rtg_eval(algo, traj, eval_env, profile.eval_episodes, seed, ref)
+        model_path = os.path.join(out_dir, "models", dataset_id.replace("/", "__"), f"{label}_seed{seed}.d3")
+        os.makedirs(os.path.dirname(model_path), exist_ok=True)
+        algo.save(model_path + ".tmp")
+        os.replace(model_path + ".tmp", model_path)  # kept for diagnostics (benchmarks/diagnose_augmentation.py)
     import resource
 
     row = {
@@ -238,6 +244,32 @@ def run_one(algo_name: str, dataset_id: str, seed: int, profile: Profile, out_di
         json.dump(row, f, indent=1)
     os.replace(tmp, path)  # atomic: a half-written result is never read as finished
     return row
+
+
+def _target_rtg_eval(algo, traj, env, episodes: int, seed: int, ref) -> dict:
+    """The same trained IPD deployed DT-style: a fixed target return instead of g_t = V(s_t) (ablation).
+
+    The target is the highest return token of the real data on the model's own (discounted, value) scale, i.e.
+    "ask for the best the data reached"; it then counts down by each reward, as in DT.
+    """
+    from d3rlpy.metrics import evaluate_transformer_with_environment
+    import gymnasium as gym
+
+    from .augment import batched_values
+    from .data import normalized_score
+    from .transformer import value_returns_to_go
+
+    cfg = algo.config
+    g = value_returns_to_go(traj, batched_values(algo.impl.value, traj.next_observations), cfg.gamma,
+                            cfg.transformer.rtg_relabel)
+    target = float(g.max())
+    e = gym.make(env)
+    e.reset(seed=10_000 + seed)
+    rets = [evaluate_transformer_with_environment(algo.as_stateful_wrapper(target, rtg_mode="target"), e, n_trials=1)
+            for _ in range(episodes)]
+    e.close()
+    return {"target": target, "returns": [float(r) for r in rets],
+            "normalized_score": float(np.mean([normalized_score(r, ref) for r in rets]))}
 
 
 def _prefit_key(cfg, dataset_id: str) -> str:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from ipd_agent.bench import Profile, markdown_table, run_sweep
 
 from conftest import write_minari
@@ -34,6 +36,9 @@ def test_sweep_rows_curves_and_resume(hopper_episodes, tmp_path):
     assert set(by_algo["ipd"]["stage_times_s"]) == {"value", "world_model", "augment", "transformer"}
     assert by_algo["ipd"]["augmentation"]["n_branches"] > 0
     assert by_algo["ipd"]["config"]["transformer"]["hidden_size"] == 32  # the profile reached the model
+    tr = by_algo["ipd"]["target_rtg"]  # the fixed-target-return ablation of the same model
+    assert len(tr["returns"]) == PROFILE.eval_episodes and np.isfinite(tr["target"])
+    assert (tmp_path / "results" / "models" / "ipdtest__hopper-random-v0" / "ipd_seed0.d3").exists()
     # finished runs are read back, not re-run
     t0 = time.perf_counter()
     again = run_sweep(jobs, PROFILE, out, workers=1, dataset_root=str(root), show_progress=False)
