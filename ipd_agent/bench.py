@@ -158,7 +158,7 @@ def run_one(algo_name: str, dataset_id: str, seed: int, profile: Profile, out_di
 
     torch.set_num_threads(profile.threads)
     label = algo_name + (f"-{tag}" if tag else "")
-    path = os.path.join(out_dir, "runs", dataset_id.replace("/", "__"), f"{label}_seed{seed}.json")
+    path = _row_path(out_dir, dataset_id, label, seed)
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
@@ -238,12 +238,20 @@ def run_one(algo_name: str, dataset_id: str, seed: int, profile: Profile, out_di
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # whole process, one run each
         "versions": versions(), "config": config, **extra,
     }
+    _write_row(path, row)
+    return row
+
+
+def _row_path(out_dir: str, dataset_id: str, label: str, seed: int) -> str:
+    return os.path.join(out_dir, "runs", dataset_id.replace("/", "__"), f"{label}_seed{seed}.json")
+
+
+def _write_row(path: str, row: dict) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(row, f, indent=1)
     os.replace(tmp, path)  # atomic: a half-written result is never read as finished
-    return row
 
 
 def _target_rtg_eval(algo, traj, env, episodes: int, seed: int, ref) -> dict:
@@ -277,7 +285,9 @@ def _prefit_key(cfg, dataset_id: str) -> str:
 
     d = json.loads(cfg.serialize())
     keep = {k: d[k] for k in ("seed", "gamma", "context_size", "value", "world_model", "transformer")}
-    keep["transformer"] = {k: v for k, v in keep["transformer"].items() if k in ("hidden_size", "n_layers", "n_heads")}
+    # the transformer is built with the model, so its architecture is part of the key
+    keep["transformer"] = {k: v for k, v in keep["transformer"].items()
+                           if k in ("hidden_size", "n_layers", "n_heads", "tokens_per_step")}
     return hashlib.sha1(json.dumps([dataset_id, keep], sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -325,11 +335,66 @@ def _prefit_job(dataset_id: str, seed: int, profile: Profile, out_dir: str, over
     return dataset_id
 
 
-def run_sweep(jobs: list[dict], profile: Profile, out_dir: str, workers: int = 2, dataset_root: Optional[str] = None,
-              show_progress: bool = True) -> list[dict]:
-    """Runs jobs ``{"algo", "dataset", "seed", ["tag", "ipd_overrides"]}`` in parallel processes."""
+def _report(row: dict, show_progress: bool) -> None:
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"{row['algo']:>14s} {row['dataset']:<40s} seed {row['seed']}: "
+                   f"{row['normalized_score']:6.1f} ({row['train_wall_time_s']:.0f}s)")
+
+
+def _ray_sweep(jobs: list[dict], profile: Profile, out_dir: str, dataset_root: Optional[str], address: str,
+               show_progress: bool) -> list[dict]:
+    """The same sweep as Ray tasks (one CPU each per torch thread). Every node needs ipd-agent and the datasets at
+    ``dataset_root``; result rows come back to this process and are written under ``out_dir`` here as well."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise ImportError("--ray-address needs Ray: pip install 'ipd-agent[ray]' (or pip install ray)") from exc
     from tqdm.auto import tqdm
 
+    ray.init(address=None if address == "local" else address, ignore_reinit_error=True, log_to_driver=False,
+             include_dashboard=False)
+    try:
+        out_abs = os.path.abspath(out_dir)
+        remote_prefit = ray.remote(num_cpus=profile.threads)(_prefit_job)
+        remote_run = ray.remote(num_cpus=profile.threads)(run_one)  # Ray reuses workers: peak RSS is the worker's
+        pre, seen = [], set()
+        for j in jobs:
+            k = (j["dataset"], j["seed"], _prefit_key(make_ipd_config(profile, j["seed"], j.get("ipd_overrides")),
+                                                      j["dataset"]))
+            if j["algo"] == "ipd" and k not in seen:
+                seen.add(k)
+                pre.append(remote_prefit.remote(j["dataset"], j["seed"], profile, out_abs, j.get("ipd_overrides"),
+                                                dataset_root))
+        ray.get(pre)
+        refs = [remote_run.remote(j["algo"], j["dataset"], j["seed"], profile, out_abs, j.get("tag", ""),
+                                  j.get("ipd_overrides"), dataset_root) for j in jobs]
+        rows, pending = [], list(refs)
+        with tqdm(total=len(refs), desc="runs (ray)", disable=not show_progress) as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                row = ray.get(done[0])
+                _write_row(_row_path(out_dir, row["dataset"], row["algo"], row["seed"]), row)
+                rows.append(row)
+                _report(row, show_progress)
+                bar.update(1)
+        return rows
+    finally:
+        ray.shutdown()
+
+
+def run_sweep(jobs: list[dict], profile: Profile, out_dir: str, workers: int = 2, dataset_root: Optional[str] = None,
+              show_progress: bool = True, ray_address: Optional[str] = None) -> list[dict]:
+    """Runs jobs ``{"algo", "dataset", "seed", ["tag", "ipd_overrides"]}`` in parallel processes.
+
+    ``ray_address`` ("auto", "ray://host:10001", or "local" for a throw-away local cluster) sends the same runs to
+    Ray instead of a local process pool.
+    """
+    from tqdm.auto import tqdm
+
+    if ray_address:
+        return _ray_sweep(jobs, profile, out_dir, dataset_root, ray_address, show_progress)
     rows = []
     # a fresh process per run: no state carried between runs, and peak memory is the run's own
     with ProcessPoolExecutor(max_workers=workers, max_tasks_per_child=1) as pool:
@@ -354,9 +419,7 @@ def run_sweep(jobs: list[dict], profile: Profile, out_dir: str, workers: int = 2
         for fut in tqdm(as_completed(futs), total=len(futs), desc="runs", disable=not show_progress):
             row = fut.result()
             rows.append(row)
-            if show_progress:
-                tqdm.write(f"{row['algo']:>14s} {row['dataset']:<40s} seed {row['seed']}: "
-                           f"{row['normalized_score']:6.1f} ({row['train_wall_time_s']:.0f}s)")
+            _report(row, show_progress)
     return rows
 
 

@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--minari-path", default=None, help="folder holding the Minari datasets")
     b.add_argument("--workers", type=int, default=2, help="parallel runs (one torch thread each)")
     b.add_argument("--out", default="benchmarks/results/bench", help="results folder (finished runs are skipped)")
+    b.add_argument("--ray-address", default=None,
+                   help="run on a Ray cluster instead of local processes ('auto', 'ray://host:10001', or 'local')")
     return p
 
 
@@ -180,7 +182,7 @@ def _bench(args) -> int:
     # seed-major order: an interrupted sweep leaves whole seeds (every dataset and algorithm) finished
     jobs = [{"algo": a, "dataset": d, "seed": s} for s in args.seeds for d in args.datasets for a in args.algos]
     root = os.path.abspath(args.minari_path) if args.minari_path else os.environ.get("MINARI_DATASETS_PATH")
-    rows = run_sweep(jobs, prof, args.out, workers=args.workers, dataset_root=root)
+    rows = run_sweep(jobs, prof, args.out, workers=args.workers, dataset_root=root, ray_address=args.ray_address)
     table = markdown_table(rows, args.algos)
     print(table)
     os.makedirs(args.out, exist_ok=True)

@@ -5,8 +5,8 @@
   ``V(s_end)`` unless it is a true terminal.
 * ``WindowSampler`` keeps the whole training set as flat tensors and cuts context windows with one
   gather — no per-sample slicing.
-* ``CausalTransformer`` reads two tokens per step, (g_t + s_t) and a_t, and predicts a_t from the
-  first, using fused ``scaled_dot_product_attention`` with a causal mask. DT's three tokens per step
+* ``CausalTransformer`` reads two tokens per step, (g_t + s_t) and a_t (or DT's three, g_t, s_t, a_t,
+  with ``tokens_per_step=3``), and predicts a_t from the state token, using fused ``scaled_dot_product_attention`` with a causal mask. DT's three tokens per step
   carry the same information (its s_t token sees g_t through attention); two cut the sequence, and so
   nearly all of the matmul work, by a third.
 
@@ -123,7 +123,7 @@ class Block(nn.Module):
 
 
 class CausalTransformer(nn.Module):
-    """Tokens (g_t + s_t), a_t per step -> a_t predicted from the (g_t + s_t) token, tanh-bounded."""
+    """Tokens (g_t + s_t), a_t (or g_t, s_t, a_t) per step -> a_t predicted from the state token, tanh-bounded."""
 
     def __init__(self, obs_dim: int, act_dim: int, context: int, cfg: TransformerNetConfig) -> None:
         super().__init__()
@@ -135,7 +135,10 @@ class CausalTransformer(nn.Module):
         self.embed_obs = nn.Linear(obs_dim, d)
         self.embed_act = nn.Linear(act_dim, d)
         self.pos = nn.Parameter(torch.zeros(1, context, d))  # position inside the window
-        self.kind = nn.Parameter(torch.zeros(2, d))  # token type: return-and-state, action
+        self.tokens = cfg.tokens_per_step
+        if self.tokens not in (2, 3):
+            raise ValueError(f"transformer.tokens_per_step must be 2 or 3, got {self.tokens}")
+        self.kind = nn.Parameter(torch.zeros(self.tokens, d))  # token type: (return, state | return+state), action
         self.ln_in = nn.LayerNorm(d)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(d, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers))
@@ -152,14 +155,19 @@ class CausalTransformer(nn.Module):
         """obs [B, T, o], act [B, T, a], rtg [B, T] with T <= context -> actions [B, T, a]."""
         b, t, _ = obs.shape
         pos = self.pos[:, :t]
-        gs = (self.embed_rtg((rtg / self.rtg_scale).unsqueeze(-1)) + self.embed_obs((obs - self.obs_mean) / self.obs_std)
-              + pos + self.kind[0])
-        a = self.embed_act(act) + pos + self.kind[1]
-        x = torch.stack([gs, a], dim=2).reshape(b, 2 * t, -1)  # gs_0 a_0 gs_1 a_1 ...
+        g = self.embed_rtg((rtg / self.rtg_scale).unsqueeze(-1))
+        s = self.embed_obs((obs - self.obs_mean) / self.obs_std)
+        a = self.embed_act(act) + pos + self.kind[-1]
+        if self.tokens == 2:
+            seq = [g + s + pos + self.kind[0], a]  # gs_0 a_0 gs_1 a_1 ...
+        else:
+            seq = [g + pos + self.kind[0], s + pos + self.kind[1], a]  # g_0 s_0 a_0 g_1 s_1 a_1 ... (DT layout)
+        n = self.tokens
+        x = torch.stack(seq, dim=2).reshape(b, n * t, -1)
         x = self.drop(self.ln_in(x))
         for blk in self.blocks:
             x = blk(x)
-        x = self.ln_out(x).reshape(b, t, 2, -1)[:, :, 0]  # outputs at the (g, s) tokens
+        x = self.ln_out(x).reshape(b, t, n, -1)[:, :, n - 2]  # outputs at the state tokens
         return torch.tanh(self.head(x))
 
 

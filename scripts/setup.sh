@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 $PY -m pip install --quiet --upgrade pip
 $PY -m pip install --quiet "torch==2.13.0"
-$PY -m pip install --quiet -e ".[test,export]"
+$PY -m pip install --quiet -e ".[test,export,ray]"
 $PY -c "import ipd_agent, torch, d3rlpy, minari, mujoco; print('ipd-agent', ipd_agent.__version__, '| torch', torch.__version__, '| d3rlpy', d3rlpy.__version__, '| mujoco', mujoco.__version__)" 2>/dev/null

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 
 from ipd_agent.bench import Profile, markdown_table, run_sweep
 
@@ -46,3 +47,16 @@ def test_sweep_rows_curves_and_resume(hopper_episodes, tmp_path):
     assert sorted(again, key=lambda r: r["algo"]) == sorted(rows, key=lambda r: r["algo"])
     table = markdown_table(rows, ["ipd", "bc"])
     assert "ipdtest/hopper-random-v0" in table and table.count("±") == 2
+
+
+def test_the_same_sweep_runs_on_ray(hopper_episodes, tmp_path):
+    pytest.importorskip("ray", reason="Ray is the optional 'ray' extra (scripts/setup.sh installs it)")
+    root = tmp_path / "datasets"
+    write_minari(root, "ipdtest/hopper-random-v0", "Hopper-v5", hopper_episodes[:40])
+    jobs = [{"algo": a, "dataset": "ipdtest/hopper-random-v0", "seed": 1} for a in ("ipd", "bc")]
+    out = tmp_path / "results"
+    rows = run_sweep(jobs, PROFILE, str(out), dataset_root=str(root), show_progress=False, ray_address="local")
+    assert sorted(r["algo"] for r in rows) == ["bc", "ipd"]
+    assert all(np.isfinite(r["normalized_score"]) and len(r["learning_curve"]) == 2 for r in rows)
+    for r in rows:  # written where the driver runs
+        assert (out / "runs" / "ipdtest__hopper-random-v0" / f"{r['algo']}_seed1.json").exists()

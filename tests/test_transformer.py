@@ -26,8 +26,9 @@ def _tokens(b=3, t=K, seed=0):
 
 
 @torch.no_grad()
-def test_changing_a_later_step_never_changes_earlier_actions():
-    net = _net()
+@pytest.mark.parametrize("tokens", [2, 3])
+def test_changing_a_later_step_never_changes_earlier_actions(tokens):
+    net = _net(tokens_per_step=tokens)
     obs, act, rtg = _tokens()
     base = net(obs, act, rtg)
     assert base.shape == (3, K, AD) and torch.all(base.abs() <= 1)
@@ -47,9 +48,10 @@ def test_changing_a_later_step_never_changes_earlier_actions():
 
 
 @torch.no_grad()
-def test_short_windows_equal_the_prefix_of_long_windows():
+@pytest.mark.parametrize("tokens", [2, 3])
+def test_short_windows_equal_the_prefix_of_long_windows(tokens):
     """Right padding after n real steps never changes the first n outputs (training = inference context)."""
-    net = _net(1)
+    net = _net(1, tokens_per_step=tokens)
     obs, act, rtg = _tokens(seed=1)
     full = net(obs, act, rtg)
     for n in range(1, K + 1):
@@ -238,3 +240,8 @@ def test_value_guidance_moves_actions_up_q():
     q_plain, _ = _train(alpha=0.0)
     assert q_guided > q_plain + 0.2, (q_guided, q_plain)
     assert abs(q_plain) < 0.3  # plain regression onto uniform actions stays near their mean
+
+
+def test_token_layout_must_be_two_or_three():
+    with pytest.raises(ValueError, match="tokens_per_step must be 2 or 3"):
+        _net(tokens_per_step=4)

@@ -1,0 +1,265 @@
+"""Head-to-head: IPD vs d3rlpy CQL, IQL, TD3+BC, BC and DT on the six shared datasets, with the paper's
+ablations and the imagined-data scaling sweep. Same data objects, same budget, same evaluation (DESIGN §5).
+
+    python benchmarks/head_to_head.py --minari-path ../shared/datasets            # all parts, CPU profile
+    python benchmarks/head_to_head.py --part main --seeds 0                        # one part, one seed
+    python benchmarks/head_to_head.py --report-only                                # tables + plots from finished runs
+    python benchmarks/head_to_head.py --ray-address auto                           # the same sweep on a Ray cluster
+
+Finished runs (one JSON file each under <out>/runs/) are skipped, so the command can be stopped and re-run.
+Parts:
+  main       six datasets x six algorithms
+  ablations  on the medium-replay sets: no augmentation; greedy augmentation (IQL policy rollouts instead of MPC);
+             no value guidance (alpha = 0); fixed target return instead of V(s) (evaluated on every IPD run)
+  scaling    imagined data volume x {0, 0.25, 0.5, 1, 2} of the default (number of branch points)
+Writes <out>/results.csv, results.json, summary.md and bars.png, curves.png, scaling.png.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import os
+
+import numpy as np
+
+from ipd_agent.bench import load_profile, run_sweep, summarise
+
+DATASETS = [f"d4rlstyle/{env}/{kind}-v0" for kind in ("medium-replay", "full-replay", "medium")
+            for env in ("hopper", "halfcheetah")]
+MEDIUM_REPLAY = [d for d in DATASETS if "medium-replay" in d]
+ALGOS = ["ipd", "dt", "iql", "cql", "td3bc", "bc"]
+ABLATIONS = {  # tag -> IPDConfig overrides
+    "no-augment": {"augment": {"enabled": False}},
+    "greedy": {"planner": {"greedy": True}},
+    "no-guidance": {"transformer": {"value_guidance": 0.0}},
+}
+SCALES = [0.25, 0.5, 2.0]  # 0 is the no-augment ablation and 1 the default run, both shared with the other parts
+
+
+def jobs_for(part: str, seeds: list[int], profile, ablation_sets: list[str], scaling_sets: list[str]) -> list[dict]:
+    if part == "main":
+        # seed-major, so an interrupted sweep leaves whole seeds finished
+        return [{"algo": a, "dataset": d, "seed": s} for s in seeds for d in DATASETS for a in ALGOS]
+    if part == "ablations":
+        return [{"algo": "ipd", "tag": tag, "ipd_overrides": ov, "dataset": d, "seed": s}
+                for s in seeds for d in ablation_sets for tag, ov in ABLATIONS.items()]
+    if part == "scaling":
+        base = profile.ipd.get("augment", {}).get("n_branches", 1000)
+        return [{"algo": "ipd", "tag": f"branches-{round(base * f)}",
+                 "ipd_overrides": {"augment": {"n_branches": round(base * f)}}, "dataset": d, "seed": s}
+                for s in seeds for d in scaling_sets for f in SCALES]
+    raise ValueError(part)
+
+
+# ----- report ----------------------------------------------------------------------------------------------------
+
+def load_rows(out: str) -> list[dict]:
+    rows = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(out, "runs", "*", "*.json")))]
+    derived = []
+    for r in rows:  # the fixed-target-return ablation is a second evaluation of each IPD run
+        if r["algo"] == "ipd" and "target_rtg" in r:
+            derived.append({**r, "algo": "ipd-target-rtg", "normalized_score": r["target_rtg"]["normalized_score"],
+                            "returns": r["target_rtg"]["returns"], "learning_curve": []})
+    return rows + derived
+
+
+def short(d: str) -> str:
+    return d.replace("d4rlstyle/", "").replace("-v0", "")
+
+
+def cell(summ, d, a, best=None) -> str:
+    if a not in summ.get(d, {}):
+        return "–"
+    m, s, n = summ[d][a]
+    txt = f"{m:.1f} ± {s:.1f}" + ("" if n >= 3 else f" (n={n})")
+    return f"**{txt}**" if best is not None and a == best else txt
+
+
+def main_table(rows: list[dict]) -> tuple[str, dict]:
+    summ = summarise([r for r in rows if r["algo"] in ALGOS])
+    lines = ["| dataset | " + " | ".join(ALGOS) + " |", "|---|" + "---|" * len(ALGOS)]
+    means: dict = {a: [] for a in ALGOS}
+    for d in DATASETS:
+        if d not in summ:
+            continue
+        best = max(summ[d], key=lambda a: summ[d][a][0])
+        lines.append(f"| {short(d)} | " + " | ".join(cell(summ, d, a, best) for a in ALGOS) + " |")
+        for a in ALGOS:
+            if a in summ[d]:
+                means[a].append(summ[d][a][0])
+    n_sets = len([d for d in DATASETS if d in summ])
+    avg = {a: (float(np.mean(v)) if len(v) == n_sets else None) for a, v in means.items()}
+    lines.append(f"| **mean over {n_sets}** | " + " | ".join("–" if avg[a] is None else f"{avg[a]:.1f}"
+                                                               for a in ALGOS) + " |")
+    return "\n".join(lines), avg
+
+
+def variant_table(rows: list[dict], labels: list[str], datasets: list[str]) -> str:
+    summ = summarise([r for r in rows if r["algo"] in labels])
+    lines = ["| dataset | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for d in datasets:
+        if d in summ:
+            lines.append(f"| {short(d)} | " + " | ".join(cell(summ, d, a) for a in labels) + " |")
+    return "\n".join(lines)
+
+
+def scaling_points(rows: list[dict], dataset: str, default_branches: int) -> list[tuple]:
+    """(n_branches, imagined transitions mean, score mean, score std, n) per volume on one dataset."""
+    by: dict = {}
+    for r in rows:
+        if r["dataset"] != dataset:
+            continue
+        if r["algo"] == "ipd-no-augment":
+            nb = 0
+        elif r["algo"] == "ipd":
+            nb = default_branches
+        elif r["algo"].startswith("ipd-branches-"):
+            nb = int(r["algo"].rsplit("-", 1)[1])
+        else:
+            continue
+        im = r.get("augmentation", {}).get("imagined_transitions", 0) if nb else 0
+        by.setdefault(nb, []).append((im, r["normalized_score"]))
+    return [(nb, float(np.mean([x[0] for x in v])), float(np.mean([x[1] for x in v])),
+             float(np.std([x[1] for x in v])), len(v)) for nb, v in sorted(by.items())]
+
+
+def plots(rows: list[dict], out: str, scaling_sets: list[str], default_branches: int) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    summ = summarise([r for r in rows if r["algo"] in ALGOS])
+    sets = [d for d in DATASETS if d in summ]
+    if sets:  # per-dataset bars with std error bars
+        fig, ax = plt.subplots(figsize=(11, 4))
+        w = 0.8 / len(ALGOS)
+        for i, a in enumerate(ALGOS):
+            m = [summ[d][a][0] if a in summ[d] else np.nan for d in sets]
+            s = [summ[d][a][1] if a in summ[d] else 0.0 for d in sets]
+            ax.bar(np.arange(len(sets)) + (i - (len(ALGOS) - 1) / 2) * w, m, w, yerr=s, capsize=2, label=a)
+        ax.set_xticks(np.arange(len(sets)), [short(d) for d in sets])
+        ax.set_ylabel("normalised score (last iterate)")
+        ax.legend(ncol=len(ALGOS), fontsize=8)
+        ax.set_title("IPD vs d3rlpy baselines, mean ± std over seeds")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "bars.png"), dpi=110)
+        plt.close(fig)
+        written.append("bars.png")
+        # learning curves: x is the fraction of each algorithm's own gradient-step budget
+        fig, axes = plt.subplots(2, 3, figsize=(12, 6), sharex=True)
+        for ax, d in zip(axes.T.ravel(), sets):
+            for a in ALGOS:
+                curves = [r["learning_curve"] for r in rows if r["dataset"] == d and r["algo"] == a
+                          and r.get("learning_curve")]
+                if not curves:
+                    continue
+                n = min(len(c) for c in curves)
+                x = [p["step"] / c[-1]["step"] for p, c in zip(curves[0][:n], [curves[0]] * n)]
+                y = np.array([[p["normalized_score"] for p in c[:n]] for c in curves])
+                ax.plot(x, y.mean(0), marker="o", ms=3, label=a)
+            ax.set_title(short(d), fontsize=9)
+        for ax in axes[-1]:
+            ax.set_xlabel("fraction of training budget")
+        for ax in axes[:, 0]:
+            ax.set_ylabel("normalised score")
+        axes[0, 0].legend(fontsize=7)
+        fig.suptitle("Learning curves (mean over seeds; last point = 10-episode final evaluation)")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "curves.png"), dpi=110)
+        plt.close(fig)
+        written.append("curves.png")
+    pts = {d: scaling_points(rows, d, default_branches) for d in scaling_sets}
+    if any(len(p) > 1 for p in pts.values()):
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for d, p in pts.items():
+            if len(p) > 1:
+                ax.errorbar([x[1] for x in p], [x[2] for x in p], yerr=[x[3] for x in p], marker="o", capsize=3,
+                            label=short(d))
+        ax.set_xlabel("imagined transitions in the training set")
+        ax.set_ylabel("normalised score")
+        ax.set_title("IPD score vs imagined data volume")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "scaling.png"), dpi=110)
+        plt.close(fig)
+        written.append("scaling.png")
+    return written
+
+
+def report(out: str, profile, scaling_sets: list[str]) -> str:
+    rows = load_rows(out)
+    default_branches = profile.ipd.get("augment", {}).get("n_branches", 1000)
+    table, avg = main_table(rows)
+    seeds = sorted({r["seed"] for r in rows})
+    commits = sorted({str(r["versions"].get("git_commit")) for r in rows})
+    ab_labels = ["ipd"] + [f"ipd-{t}" for t in ABLATIONS] + ["ipd-target-rtg"]
+    lines = [f"Profile `{profile.name}` ({profile.q_steps} Q-learning steps, {profile.transformer_steps} transformer "
+             f"steps, {profile.eval_episodes} evaluation episodes, last iterate); normalised score, mean ± std over "
+             f"seeds {seeds} (n shown where < 3); code at {', '.join(commits)}.", "", "## Main table", "", table, "",
+             "## Ablations (medium-replay)", "", variant_table(rows, ab_labels, MEDIUM_REPLAY), "",
+             "## Scaling with imagined data", ""]
+    for d in scaling_sets:
+        pts = scaling_points(rows, d, default_branches)
+        if pts:
+            lines += [f"{short(d)}:", "", "| branch points | imagined transitions | score |", "|---|---|---|"]
+            lines += [f"| {nb} | {im:.0f} | {m:.1f} ± {s:.1f} (n={n}) |" for nb, im, m, s, n in pts] + [""]
+    times: dict = {}
+    for r in rows:
+        if r["algo"] in ALGOS:
+            times.setdefault(r["algo"], []).append(r["train_wall_time_s"])
+    lines += ["## Training wall time per run (s, one CPU thread, mean)", "",
+              ", ".join(f"{a} {np.mean(v):.0f}" for a, v in times.items())]
+    ipd_stages: dict = {}
+    for r in rows:
+        if r["algo"] == "ipd":
+            for k, v in r["stage_times_s"].items():
+                ipd_stages.setdefault(k, []).append(v)
+    if ipd_stages:
+        lines.append("; IPD by stage: " + ", ".join(f"{k} {np.mean(v):.0f}" for k, v in ipd_stages.items()))
+    lines += ["", "Plots: " + ", ".join(plots(rows, out, scaling_sets, default_branches))]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    keys = ["algo", "dataset", "seed", "normalized_score", "return_mean", "train_wall_time_s", "gradient_steps",
+            "peak_rss_mib"]
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(keys + ["git_commit"])
+        for r in rows:
+            w.writerow([r.get(k) for k in keys] + [r["versions"].get("git_commit")])
+    return text
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", nargs="+", default=["main", "ablations", "scaling"], choices=["main", "ablations", "scaling"])
+    p.add_argument("--minari-path", default=os.environ.get("MINARI_DATASETS_PATH", "../shared/datasets"))
+    p.add_argument("--profile", default="cpu", help="cpu, tiny, gpu or a JSON file")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--algos", nargs="+", default=None, help="restrict the main part to these algorithms")
+    p.add_argument("--ablation-datasets", nargs="+", default=MEDIUM_REPLAY)
+    p.add_argument("--scaling-datasets", nargs="+", default=[MEDIUM_REPLAY[0]])
+    p.add_argument("--workers", type=int, default=2, help="parallel runs, one torch thread each")
+    p.add_argument("--ray-address", default=None, help="run on this Ray cluster instead of local processes")
+    p.add_argument("--out", default="benchmarks/results/head_to_head")
+    p.add_argument("--report-only", action="store_true", help="only rebuild tables and plots from finished runs")
+    a = p.parse_args()
+    prof = load_profile(a.profile)
+    if not a.report_only:
+        jobs = []
+        for part in a.part:
+            jobs += [j for j in jobs_for(part, a.seeds, prof, a.ablation_datasets, a.scaling_datasets)
+                     if part != "main" or a.algos is None or j["algo"] in a.algos]
+        run_sweep(jobs, prof, a.out, workers=a.workers, dataset_root=os.path.abspath(a.minari_path),
+                  ray_address=a.ray_address)
+    print(report(a.out, prof, a.scaling_datasets))
+
+
+if __name__ == "__main__":
+    main()
