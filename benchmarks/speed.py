@@ -16,6 +16,7 @@ Whole-fit wall time per stage comes from the benchmark runs (stage_times_s in ea
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -193,10 +194,13 @@ def world_model_and_planner(obs_dim: int, act_dim: int, n_branches: int) -> dict
     iql.create_impl((obs_dim,), act_dim)
     value = ValueFunctions(iql)
     value.freeze()
-    planner = MPCPlanner(wm, value, PlannerConfig())
+    planner = MPCPlanner(wm, value, PlannerConfig())  # bf16 candidate scoring where the CPU has it
     states = torch.randn(n_branches, obs_dim)
     gen = torch.Generator().manual_seed(0)
     t_batched = timeit(lambda: planner.plan(states, generator=gen), 3, warmup=1)
+    fp32 = MPCPlanner(wm, value, PlannerConfig(bf16=False))
+    out["planner_calls_per_s_batched_fp32"] = n_branches / timeit(lambda: fp32.plan(states, generator=gen), 3, warmup=1)
+    out["planner_bf16_active"] = planner.bf16
     n_naive = min(n_branches, 16)  # the naive loop is timed on a subset and scaled per state
     t_naive = timeit(lambda: [planner.plan(states[i:i + 1], generator=gen) for i in range(n_naive)], 2, warmup=1)
     per_state_batched, per_state_naive = t_batched / n_branches, t_naive / n_naive
@@ -208,6 +212,30 @@ def world_model_and_planner(obs_dim: int, act_dim: int, n_branches: int) -> dict
         "branch_states_per_call": n_branches,
     })
     return out, wm, value
+
+
+def planner_bf16_quality(model: str, minari_path: str, dataset_id: str, n_states: int = 512) -> dict:
+    """Plans chosen with bf16 scoring vs fp32 scoring, both rescored in fp32 with a trained model (same seed)."""
+    import os
+
+    from ipd_agent import load_ipd, load_minari
+    from ipd_agent.planner import MPCPlanner
+
+    os.environ["MINARI_DATASETS_PATH"] = os.path.abspath(minari_path)
+    algo = load_ipd(model)
+    traj, _ = load_minari(dataset_id)
+    rows = np.random.default_rng(1).choice(traj.n_transitions, n_states, replace=False)
+    states = torch.from_numpy(traj.observations[rows])
+    out = {"model": model, "states": n_states}
+    ref = MPCPlanner(algo.impl.world_model, algo.impl.value, dataclasses.replace(algo.config.planner, bf16=False))
+    for bf16 in (False, True):
+        planner = MPCPlanner(algo.impl.world_model, algo.impl.value,
+                             dataclasses.replace(algo.config.planner, bf16=bf16))
+        t0 = time.perf_counter()
+        _, info = planner.plan(states, generator=torch.Generator().manual_seed(0), return_info=True)
+        out[f"{'bf16' if bf16 else 'fp32'}_plan_s"] = time.perf_counter() - t0
+        out[f"{'bf16' if bf16 else 'fp32'}_plans_fp32_score_mean"] = float(ref.score(states, info["plan"][:, None]).mean())
+    return out
 
 
 def inference(obs_dim: int, act_dim: int, hidden: int, layers: int, k: int, dt) -> dict:
@@ -248,6 +276,8 @@ def main() -> None:
     p.add_argument("--minari-path", default="../shared/datasets", help="for the bf16 accuracy check")
     p.add_argument("--accuracy-steps", type=int, default=1500, help="training steps of the bf16 accuracy check; 0 skips")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of a training step")
+    p.add_argument("--model", default=None, help="a fitted IPD (.d3): also check bf16 planning quality with it")
+    p.add_argument("--model-dataset", default="d4rlstyle/hopper/medium-replay-v0", help="the data --model was fit on")
     a = p.parse_args()
     torch.set_num_threads(1)
     obs_dim, act_dim = 11, 3  # Hopper-sized
@@ -266,6 +296,9 @@ def main() -> None:
     print(json.dumps(res["transformer_steps_per_s"], indent=1), flush=True)
     res["world_model_and_mpc"], _, _ = world_model_and_planner(obs_dim, act_dim, a.branches)
     print(json.dumps(res["world_model_and_mpc"], indent=1), flush=True)
+    if a.model:
+        res["planner_bf16_quality"] = planner_bf16_quality(a.model, a.minari_path, a.model_dataset)
+        print(json.dumps(res["planner_bf16_quality"], indent=1), flush=True)
     res["inference"] = inference(obs_dim, act_dim, a.hidden, a.layers, a.context, dt)
     print(json.dumps(res["inference"], indent=1), flush=True)
     if a.out:

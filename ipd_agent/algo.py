@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .augment import AugmentationResult, augment, batched_values
-from .config import AugmentConfig, PlannerConfig, TransformerNetConfig, ValueConfig, WorldModelConfig
+from .config import AugmentConfig, PlannerConfig, TransformerNetConfig, ValueConfig, WorldModelConfig, native_cpu_bf16
 from .data import DatasetError, Trajectories, to_trajectories
 from .planner import MPCPlanner
 from .policy import IPDPolicy, StatefulIPDWrapper
@@ -546,17 +546,6 @@ def load_ipd(path: str, device: DeviceArg = None) -> IPD:
     if not isinstance(algo, IPD):
         raise ValueError(f"{path!r} holds a {type(algo).__name__}, not an IPD model.")
     return algo
-
-
-def native_cpu_bf16() -> bool:
-    """True where bf16 matmuls run natively on this CPU (measured 1.2-1.6x faster training, same held-out error:
-    ``python benchmarks/speed.py``)."""
-    cpu = getattr(torch, "cpu", None)
-    try:
-        return bool(torch.backends.mkldnn.is_available() and
-                    (cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported()))
-    except AttributeError:  # older torch without the probes
-        return False
 
 
 def _atomic_torch_save(obj: Any, path: str) -> None:

@@ -7,6 +7,9 @@ loops are over the horizon and the MPPI iterations.
 A candidate is scored ``Σ_h γ^h r̂_h + γ^H V(ŝ_H)`` with the elites' mean prediction. Where a
 candidate's step is untrusted (U > κ) it is cut before that step and bootstrapped with V of the
 state it reached; after a predicted terminal it earns nothing more and gets no bootstrap.
+
+Candidates are ranked in bf16 where the CPU has native bf16 (``PlannerConfig.bf16``; about 2x faster, the
+world-model MLP is nearly all of the cost); the final choice against the warm start is made in fp32.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .config import PlannerConfig
+from .config import PlannerConfig, native_cpu_bf16
 from .value import ValueFunctions
 from .world_model import WorldModel
 
@@ -28,6 +31,9 @@ class MPCPlanner:
                  action_low: float = -1.0, action_high: float = 1.0) -> None:
         self.wm, self.value, self.cfg, self.gamma = world_model, value, cfg, gamma
         self.low, self.high = action_low, action_high
+        # bf16 only ranks candidates; the chosen plan, rescored in fp32, is within 0.5% of the fp32 choice's score
+        # (benchmarks/speed.py). Only on CPU models: CUDA autocast would need its own check.
+        self.bf16 = cfg.bf16 and native_cpu_bf16() and next(world_model.parameters()).device.type == "cpu"
 
     @torch.no_grad()
     def score(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -78,14 +84,14 @@ class MPCPlanner:
             return (mu[:, 0], {"plan": mu, "score": None, "warm_score": None}) if return_info else mu[:, 0]
         b, h, a = mu.shape
         n = cfg.n_samples
-        best_seq, best_score, warm_score = mu, None, None
+        warm = mu
+        best_seq, best_score = mu, None
         for it in range(cfg.n_iterations):
             eps = torch.randn((b, n, h, a), generator=generator)
             cand = (mu.unsqueeze(1) + cfg.noise_std * eps).clamp(self.low, self.high)
             cand[:, 0] = mu  # the current mean is always a candidate, so MPC never loses to its warm start
-            scores = self.score(obs, cand)  # [B, N]
-            if it == 0:
-                warm_score = scores[:, 0].clone()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                scores = self.score(obs, cand).float()  # [B, N]
             top, arg = scores.max(dim=1)
             seq = cand[torch.arange(b), arg]
             if best_score is None:
@@ -98,6 +104,11 @@ class MPCPlanner:
             z = (scores - top[:, None]) / (scores.std(dim=1, keepdim=True) + 1e-6)
             w = torch.softmax(z / cfg.temperature, dim=1)
             mu = (w[:, :, None, None] * cand).sum(dim=1)
+        # final choice in fp32 between the best plan and the warm start: MPC never returns a plan that scores below
+        # its warm start, and the reported scores are the planner's exact (fp32) scores of what it returns
+        final = self.score(obs, torch.stack([best_seq, warm], dim=1))  # [B, 2]
+        keep_warm = final[:, 1] > final[:, 0]
+        best_seq = torch.where(keep_warm[:, None, None], warm, best_seq)
         if return_info:
-            return best_seq[:, 0], {"plan": best_seq, "score": best_score, "warm_score": warm_score}
+            return best_seq[:, 0], {"plan": best_seq, "score": final.max(dim=1).values, "warm_score": final[:, 1]}
         return best_seq[:, 0]
