@@ -164,6 +164,29 @@ def profile_transformer(obs_dim: int, act_dim: int, hidden: int, layers: int, k:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10)
 
 
+def profile_planner(obs_dim: int, act_dim: int, n_branches: int, bf16: bool) -> str:
+    """torch.profiler table (top 10 ops by self CPU time) of one batched planner call (default PlannerConfig)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ipd_agent.config import PlannerConfig, ValueConfig, WorldModelConfig
+    from ipd_agent.planner import MPCPlanner
+    from ipd_agent.value import ValueFunctions, make_iql
+    from ipd_agent.world_model import WorldModel
+
+    wm = WorldModel(obs_dim, act_dim, WorldModelConfig()).eval()
+    wm.threshold.fill_(float("inf"))
+    iql = make_iql(ValueConfig(), "cpu:0")
+    iql.create_impl((obs_dim,), act_dim)
+    value = ValueFunctions(iql)
+    value.freeze()
+    planner = MPCPlanner(wm, value, PlannerConfig(bf16=bf16))
+    states = torch.randn(n_branches, obs_dim)
+    planner.plan(states, generator=torch.Generator().manual_seed(0))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        planner.plan(states, generator=torch.Generator().manual_seed(0))
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10)
+
+
 def world_model_and_planner(obs_dim: int, act_dim: int, n_branches: int) -> dict:
     import d3rlpy
 
@@ -275,7 +298,9 @@ def main() -> None:
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     p.add_argument("--minari-path", default="../shared/datasets", help="for the bf16 accuracy check")
     p.add_argument("--accuracy-steps", type=int, default=1500, help="training steps of the bf16 accuracy check; 0 skips")
-    p.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of a training step")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of a training step and "
+                   "of a planner call")
+    p.add_argument("--profile-only", action="store_true", help="only print the profiles")
     p.add_argument("--model", default=None, help="a fitted IPD (.d3): also check bf16 planning quality with it")
     p.add_argument("--model-dataset", default="d4rlstyle/hopper/medium-replay-v0", help="the data --model was fit on")
     a = p.parse_args()
@@ -283,10 +308,15 @@ def main() -> None:
     obs_dim, act_dim = 11, 3  # Hopper-sized
     res = {"threads": torch.get_num_threads(), "hidden": a.hidden, "layers": a.layers, "context": a.context,
            "batch": a.batch}
-    if a.profile:
+    if a.profile or a.profile_only:
         for bf16 in (False, True):
             print(f"--- torch.profiler, our transformer, {'bf16' if bf16 else 'fp32'}, 10 training steps ---")
             print(profile_transformer(obs_dim, act_dim, a.hidden, a.layers, a.context, a.batch, bf16), flush=True)
+        for bf16 in (False, True):
+            print(f"--- torch.profiler, MPC planner, {'bf16' if bf16 else 'fp32'} ranking, {a.branches} states ---")
+            print(profile_planner(obs_dim, act_dim, a.branches, bf16), flush=True)
+        if a.profile_only:
+            return
     if a.accuracy_steps:
         res["bf16_accuracy"] = bf16_accuracy(a.minari_path, "d4rlstyle/hopper/medium-replay-v0", 64, 2, a.context,
                                              a.batch, a.accuracy_steps)
