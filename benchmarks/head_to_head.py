@@ -75,7 +75,7 @@ def cell(summ, d, a, best=None) -> str:
     if a not in summ.get(d, {}):
         return "–"
     m, s, n = summ[d][a]
-    txt = f"{m:.1f} ± {s:.1f}" + ("" if n >= 3 else f" (n={n})")
+    txt = f"{m:.1f} (n=1)" if n == 1 else f"{m:.1f} ± {s:.1f}" + ("" if n >= 3 else f" (n={n})")
     return f"**{txt}**" if best is not None and a == best else txt
 
 
@@ -142,7 +142,8 @@ def plots(rows: list[dict], out: str, scaling_sets: list[str], default_branches:
         for i, a in enumerate(ALGOS):
             m = [summ[d][a][0] if a in summ[d] else np.nan for d in sets]
             s = [summ[d][a][1] if a in summ[d] else 0.0 for d in sets]
-            ax.bar(np.arange(len(sets)) + (i - (len(ALGOS) - 1) / 2) * w, m, w, yerr=s, capsize=2, label=a)
+            ax.bar(np.arange(len(sets)) + (i - (len(ALGOS) - 1) / 2) * w, m, w, yerr=s, capsize=2, label=a,
+                   color=f"C{i}")
         ax.set_xticks(np.arange(len(sets)), [short(d) for d in sets])
         ax.set_ylabel("normalised score (last iterate)")
         ax.legend(ncol=len(ALGOS), fontsize=8)
@@ -162,8 +163,10 @@ def plots(rows: list[dict], out: str, scaling_sets: list[str], default_branches:
                 n = min(len(c) for c in curves)
                 x = [p["step"] / c[-1]["step"] for p, c in zip(curves[0][:n], [curves[0]] * n)]
                 y = np.array([[p["normalized_score"] for p in c[:n]] for c in curves])
-                ax.plot(x, y.mean(0), marker="o", ms=3, label=a)
+                ax.plot(x, y.mean(0), marker="o", ms=3, label=a, color=f"C{ALGOS.index(a)}")
             ax.set_title(short(d), fontsize=9)
+        for ax in axes.T.ravel()[len(sets):]:
+            ax.set_visible(False)  # datasets without finished runs yet
         for ax in axes[-1]:
             ax.set_xlabel("fraction of training budget")
         for ax in axes[:, 0]:
