@@ -161,7 +161,7 @@ def plots(rows: list[dict], out: str, scaling_sets: list[str], default_branches:
                 if not curves:
                     continue
                 n = min(len(c) for c in curves)
-                x = [p["step"] / c[-1]["step"] for p, c in zip(curves[0][:n], [curves[0]] * n)]
+                x = [p["step"] / curves[0][-1]["step"] for p in curves[0][:n]]
                 y = np.array([[p["normalized_score"] for p in c[:n]] for c in curves])
                 ax.plot(x, y.mean(0), marker="o", ms=3, label=a, color=f"C{ALGOS.index(a)}")
             ax.set_title(short(d), fontsize=9)

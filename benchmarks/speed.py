@@ -36,13 +36,25 @@ def timeit(fn, n: int, warmup: int = 2) -> float:
     return float(np.median(ts))
 
 
+def train_step(net, opt, o, a, g, m, bf16: bool) -> None:
+    """One behaviour-cloning step of our transformer (fp32 or bf16 autocast), shared by every timing below."""
+    from ipd_agent.transformer import value_guided_loss
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        p = net(o, a, g)
+    loss, _ = value_guided_loss(p.float(), a, o, m, None, 0.0)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
 def transformer_training(obs_dim: int, act_dim: int, hidden: int, layers: int, k: int, batch: int, n: int) -> dict:
     import d3rlpy
     from d3rlpy.dataset import MDPDataset
 
     from ipd_agent.config import TransformerNetConfig
     from ipd_agent.data import Trajectories
-    from ipd_agent.transformer import CausalTransformer, WindowSampler, value_guided_loss
+    from ipd_agent.transformer import CausalTransformer, WindowSampler
 
     rng = np.random.default_rng(0)
     n_ep, t_ep = 50, 200
@@ -60,13 +72,7 @@ def transformer_training(obs_dim: int, act_dim: int, hidden: int, layers: int, k
         sampler = WindowSampler(traj, rew, k, 0.0)
 
         def step():
-            o, a, g, m = sampler.sample(batch)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                p = net(o, a, g)
-            loss, _ = value_guided_loss(p.float(), a, o, m, None, 0.0)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            train_step(net, opt, *sampler.sample(batch), bf16)
 
         out["ours_bf16" if bf16 else "ours_fp32"] = 1.0 / timeit(step, n)
     ds = MDPDataset(obs, act, rew.reshape(-1, 1), np.zeros(len(obs)), timeouts=np.isin(np.arange(len(obs)), starts[1:] - 1))
@@ -94,7 +100,7 @@ def bf16_accuracy(minari_path: str, dataset_id: str, hidden: int, layers: int, k
 
     from ipd_agent.config import TransformerNetConfig
     from ipd_agent.data import Trajectories, load_minari
-    from ipd_agent.transformer import CausalTransformer, WindowSampler, value_returns_to_go, value_guided_loss
+    from ipd_agent.transformer import CausalTransformer, WindowSampler, value_returns_to_go
 
     os.environ["MINARI_DATASETS_PATH"] = os.path.abspath(minari_path)
     traj, _ = load_minari(dataset_id)
@@ -120,13 +126,7 @@ def bf16_accuracy(minari_path: str, dataset_id: str, hidden: int, layers: int, k
         sampler = WindowSampler(train, rtg[:cut], k, 0.0, seed=0)
         t0 = time.perf_counter()
         for _ in range(n):
-            o, a, g, m = sampler.sample(batch)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                p = net(o, a, g)
-            loss, _ = value_guided_loss(p.float(), a, o, m, None, 0.0)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            train_step(net, opt, *sampler.sample(batch), bf16)
         dt = time.perf_counter() - t0
         net.eval()
         with torch.no_grad():
@@ -141,7 +141,7 @@ def profile_transformer(obs_dim: int, act_dim: int, hidden: int, layers: int, k:
     from torch.profiler import ProfilerActivity, profile
 
     from ipd_agent.config import TransformerNetConfig
-    from ipd_agent.transformer import CausalTransformer, value_guided_loss
+    from ipd_agent.transformer import CausalTransformer
 
     net = CausalTransformer(obs_dim, act_dim, k, TransformerNetConfig(hidden_size=hidden, n_layers=layers))
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
@@ -149,12 +149,7 @@ def profile_transformer(obs_dim: int, act_dim: int, hidden: int, layers: int, k:
     m = torch.ones(batch, k, dtype=torch.bool)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            p = net(o, a, g)
-        loss, _ = value_guided_loss(p.float(), a, o, m, None, 0.0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(net, opt, o, a, g, m, bf16)
 
     for _ in range(3):
         step()
