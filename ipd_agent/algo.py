@@ -36,7 +36,8 @@ from .config import AugmentConfig, PlannerConfig, TransformerNetConfig, ValueCon
 from .data import DatasetError, Trajectories, to_trajectories
 from .planner import MPCPlanner
 from .policy import IPDPolicy, StatefulIPDWrapper
-from .transformer import CausalTransformer, WindowSampler, lr_lambda, value_guided_loss, value_returns_to_go
+from .transformer import (CausalTransformer, ReturnTokenModel, WindowSampler, fit_return_token_model, lr_lambda,
+                          value_guided_loss, value_returns_to_go)
 from .value import ValueFunctions, fit_value_functions, make_iql
 from .world_model import WorldModel, fit_world_model
 
@@ -123,6 +124,7 @@ class StageFlags(nn.Module):
 @dataclasses.dataclass(frozen=True)
 class IPDModules(Modules):
     transformer: CausalTransformer
+    token: ReturnTokenModel
     value: ValueFunctions
     world_model: WorldModel
     stages: StageFlags
@@ -140,6 +142,21 @@ class IPDImpl(TransformerAlgoImplBase):
     @property
     def transformer(self) -> CausalTransformer:
         return self._modules.transformer
+
+    @property
+    def token(self) -> ReturnTokenModel:
+        return self._modules.token
+
+    def load_model(self, f) -> None:
+        """d3rlpy's loader, also for models saved before the return-token model existed (it stays unfitted)."""
+        import io
+
+        chkpt = torch.load(f, map_location="cpu", weights_only=False)
+        chkpt.setdefault("token", self._modules.token.state_dict())
+        buf = io.BytesIO()
+        torch.save(chkpt, buf)
+        buf.seek(0)
+        super().load_model(buf)
 
     @property
     def value(self) -> ValueFunctions:
@@ -190,6 +207,7 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
             iql.create_impl(observation_shape, action_size)
             modules = IPDModules(
                 transformer=CausalTransformer(observation_shape[0], action_size, cfg.context_size, cfg.transformer),
+                token=ReturnTokenModel(observation_shape[0]),
                 value=ValueFunctions(iql),
                 world_model=WorldModel(observation_shape[0], action_size, cfg.world_model),
                 stages=StageFlags(),
@@ -334,6 +352,7 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         torch.manual_seed(cfg.seed + 1)
         fresh = CausalTransformer(impl.observation_shape[0], impl.action_size, cfg.context_size, cfg.transformer)
         impl.transformer.load_state_dict(fresh.state_dict())
+        impl.token.fitted.fill_(False)  # its tokens came from the old training data
         impl.stages.mark("transformer", False)
         impl.stages.transformer_steps.zero_()
         self._optim = None
@@ -353,6 +372,12 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
                 net.obs_mean.copy_(torch.from_numpy(traj.observations[real].mean(0)))
                 net.obs_std.copy_(torch.from_numpy(traj.observations[real].std(0) + 1e-6))
                 net.rtg_scale.fill_(float(np.abs(rtg[real]).mean() + 1e-6))
+        if tcfg.return_token == "upper" and not bool(impl.token.fitted):
+            learn = (traj.episode_ids < aug.n_real_episodes) | traj.imagined  # rows whose actions are taught
+            t0 = time.perf_counter()
+            loss = fit_return_token_model(impl.token, traj.observations[learn], rtg[learn], tcfg.token_expectile,
+                                          tcfg.token_steps, seed=cfg.seed + 3)
+            self.stage_metrics["return_token"] = {"loss": loss, "seconds": time.perf_counter() - t0}
         sampler = WindowSampler(traj, rtg, cfg.context_size, tcfg.imagined_ratio, aug.n_real_episodes,
                                 seed=cfg.seed + int(impl.stages.transformer_steps))
         if getattr(self, "_optim", None) is None:
@@ -494,9 +519,27 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         self._impl.modules.set_eval()  # no dropout at inference (also after d3rlpy.load_learnable)
         with torch.no_grad():
             o = torch.from_numpy(obs).unsqueeze(1)
-            g = self._impl.value.v(o)
+            g = self.return_token(o)
             a = torch.zeros(len(obs), 1, self._impl.action_size)
             return self._impl.transformer(o, a, g)[:, 0].numpy()
+
+    def return_token_module(self) -> nn.Module:
+        """The module that sets g_t at inference: V(s) (``return_token="value"``) or the fitted token model."""
+        impl = self._impl
+        mode = self._config.transformer.return_token
+        if mode == "value":
+            return ValueToken(impl.value)
+        if mode == "upper":
+            if not bool(impl.token.fitted):
+                raise RuntimeError("transformer.return_token='upper' but the token model is not fitted (the model "
+                                   "was trained with 'value'): call fit() again, or set return_token='value'.")
+            return impl.token
+        raise ValueError(f"unknown transformer.return_token {mode!r}: use 'value' or 'upper'")
+
+    @torch.no_grad()
+    def return_token(self, obs: torch.Tensor) -> torch.Tensor:
+        """g_t for observations [..., obs_dim] -> [...], as used by every inference path."""
+        return self.return_token_module()(obs)
 
     def as_stateful_wrapper(self, target_return: Optional[float] = None, action_sampler: Any = None,
                             rtg_mode: Optional[str] = None) -> StatefulIPDWrapper:  # type: ignore[override]
@@ -515,7 +558,7 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
             raise RuntimeError("The model is not built: call fit() or d3rlpy.load_learnable() first.")
         from .policy import ExportablePolicy
 
-        module = ExportablePolicy(self._impl.transformer, self._impl.value).eval()
+        module = ExportablePolicy(self._impl.transformer, self.return_token_module()).eval()
         k, o, a = self._config.context_size, self._impl.observation_shape[0], self._impl.action_size
         dummy = (torch.randn(k, o), torch.zeros(k, a))
         with torch.no_grad():
@@ -534,6 +577,17 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
 
 
 register_learnable(IPDConfig)
+
+
+class ValueToken(nn.Module):
+    """g = V(s) as a module (DESIGN §2.6), so export traces the same code path as the token model."""
+
+    def __init__(self, value: ValueFunctions) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.value.v(obs)
 
 
 def load_ipd(path: str, device: DeviceArg = None) -> IPD:

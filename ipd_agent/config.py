@@ -93,6 +93,9 @@ class TransformerNetConfig(SerializableConfig):
     grad_clip: float = 0.25  # gradient norm clip (DT recipe)
     value_guidance: float = 1.0  # alpha: weight of the -Q(s, pi)/mean|Q| term; 0 disables it
     rtg_relabel: str = "max"  # return tokens: "max" = QDT relabel r + γ·max(g', V(s')); "one_step" = r + γ·V(s')
+    return_token: str = "value"  # inference token: "value" = V(s) (DESIGN §2.6); "upper" = token model below
+    token_expectile: float = 0.9  # "upper": expectile of the training tokens given s that the token model fits
+    token_steps: int = 3000  # "upper": gradient steps of the token model (a 2x256 MLP, seconds on CPU)
     imagined_ratio: float = 0.5  # share of each batch drawn from imagined episodes (when any exist)
     bf16: bool = True  # bf16 autocast in training where the CPU has native bf16 (AVX512-BF16/AMX); fp32 elsewhere
 

@@ -35,7 +35,8 @@ class TransformerContext:
         if impl is None:
             raise RuntimeError("The algorithm is not built yet: call fit() or load a saved model first.")
         impl.modules.set_eval()  # deployment: no dropout
-        self.net, self.value, self.gamma = impl.transformer, impl.value, algo.config.gamma
+        self.net, self.gamma = impl.transformer, algo.config.gamma
+        self.token = algo.return_token_module() if rtg_mode == "value" else None  # V(s) or the token model
         self.k, self.obs_dim, self.act_dim = algo.config.context_size, impl.observation_shape[0], impl.action_size
         self.rtg_mode, self.target_return, self.n_envs = rtg_mode, target_return, n_envs
         self.reset()
@@ -70,7 +71,7 @@ class TransformerContext:
         rows = torch.arange(self.n_envs)
         self.obs[rows, slot] = o
         self.act[rows, slot] = 0.0  # a_t is what we predict; causal attention never lets s_t see it anyway
-        self.rtg[rows, slot] = self.value.v(o) if self.rtg_mode == "value" else self.remaining
+        self.rtg[rows, slot] = self.token(o) if self.rtg_mode == "value" else self.remaining
         self.length = torch.clamp(self.length + 1, max=self.k)
         pred = self.net(self.obs, self.act, self.rtg)[rows, slot]  # right padding follows, causal: no effect
         self.act[rows, slot] = pred
@@ -146,16 +147,16 @@ class IPDPolicy:
 class ExportablePolicy(nn.Module):
     """One deployment step as a pure function, for TorchScript / ONNX export.
 
-    ``forward(observations [T, obs], actions [T, act]) -> action [act]``: return tokens are V(s) computed inside,
-    exactly as ``TransformerContext`` does in value mode.
+    ``forward(observations [T, obs], actions [T, act]) -> action [act]``: return tokens g_t are computed inside
+    (V(s) or the return-token model), exactly as ``TransformerContext`` does in value mode.
     """
 
-    def __init__(self, net: nn.Module, value: nn.Module) -> None:
+    def __init__(self, net: nn.Module, token: nn.Module) -> None:
         super().__init__()
-        self.net, self.value = net, value
+        self.net, self.token = net, token  # token: obs -> g (V(s) or the fitted return-token model)
 
     def forward(self, observations: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         obs = observations.unsqueeze(0)
         act = torch.cat([actions[:-1], torch.zeros_like(actions[-1:])], dim=0).unsqueeze(0)
-        rtg = self.value.v(obs)
+        rtg = self.token(obs)
         return self.net(obs, act, rtg)[0, -1]

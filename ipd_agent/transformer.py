@@ -27,7 +27,8 @@ from torch import nn
 from .config import TransformerNetConfig
 from .data import Trajectories
 
-__all__ = ["value_returns_to_go", "WindowSampler", "CausalTransformer", "value_guided_loss"]
+__all__ = ["value_returns_to_go", "WindowSampler", "CausalTransformer", "value_guided_loss", "ReturnTokenModel",
+           "fit_return_token_model"]
 
 
 def value_returns_to_go(traj: Trajectories, v_next: np.ndarray, gamma: float, mode: str = "max") -> np.ndarray:
@@ -185,6 +186,71 @@ def value_guided_loss(pred: torch.Tensor, act: torch.Tensor, obs: torch.Tensor, 
     q_term = (q * m).sum() / denom / (q_scale + 1e-6)
     metrics["q_pi"] = ((q * m).sum() / denom).item()
     return bc - alpha * q_term, metrics
+
+
+class ReturnTokenModel(nn.Module):
+    """g(s): an upper expectile of the training return tokens at state s (``return_token="upper"``).
+
+    Why: V(s) from IQL (expectile 0.7 of Q) sits below the tokens the best episodes carry from the same state,
+    so conditioning on V(s) asks the transformer for ordinary behaviour. Where ordinary behaviour is poor (a
+    halfcheetah at rest), the policy copies it and never leaves that state. An upper expectile of the very
+    tokens the transformer was trained on asks for the best return seen from states like s, and is
+    in-distribution by construction.
+    """
+
+    def __init__(self, obs_dim: int, hidden: int = 256) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, 1))
+        self.register_buffer("obs_mean", torch.zeros(obs_dim))
+        self.register_buffer("obs_std", torch.ones(obs_dim))
+        self.register_buffer("g_mean", torch.zeros(()))
+        self.register_buffer("g_std", torch.ones(()))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        """obs [..., obs_dim] -> token [...]."""
+        z = self.net((obs - self.obs_mean) / self.obs_std).squeeze(-1)
+        return z * self.g_std + self.g_mean
+
+
+def fit_return_token_model(model: ReturnTokenModel, obs: np.ndarray, g: np.ndarray, expectile: float,
+                           n_steps: int, seed: int, batch_size: int = 256, lr: float = 1e-3) -> float:
+    """Expectile regression of tokens g on states; own RNG, so the caller's random streams are untouched.
+
+    Returns the final mini-batch loss."""
+    if not 0.5 <= expectile < 1.0:
+        raise ValueError(f"transformer.token_expectile must be in [0.5, 1), got {expectile}")
+    o = torch.from_numpy(np.asarray(obs, np.float32))
+    y = torch.from_numpy(np.asarray(g, np.float32))
+    with torch.no_grad():
+        model.obs_mean.copy_(o.mean(0))
+        model.obs_std.copy_(o.std(0) + 1e-6)
+        model.g_mean.fill_(float(y.mean()))
+        model.g_std.fill_(float(y.std()) + 1e-6)
+    yn = (y - model.g_mean) / model.g_std
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for layer in model.net:
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, n_steps))
+    model.train()
+    loss = torch.zeros(())
+    for _ in range(n_steps):
+        idx = torch.randint(0, len(o), (batch_size,), generator=gen)
+        diff = yn[idx] - model.net((o[idx] - model.obs_mean) / model.obs_std).squeeze(-1)
+        # asymmetric squared loss: under-predictions weigh `expectile`, over-predictions 1 - expectile
+        loss = (torch.where(diff > 0, expectile, 1.0 - expectile) * diff ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    model.fitted.fill_(True)
+    return float(loss)
 
 
 def lr_lambda(warmup: int):

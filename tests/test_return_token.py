@@ -1,0 +1,90 @@
+"""The upper-expectile return-token model (``transformer.return_token="upper"``)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from ipd_agent.algo import load_ipd
+from ipd_agent.transformer import ReturnTokenModel, fit_return_token_model
+
+from conftest import FIT_KW
+
+
+def test_token_model_fits_the_requested_expectile():
+    """Tokens g = 3·s + uniform noise in [-1, 1]: the 0.9-expectile fit sits well above the 0.5 one, and about
+    the share of tokens an expectile of 0.9 implies lie below it."""
+    rng = np.random.default_rng(0)
+    s = rng.uniform(-1, 1, (4000, 2)).astype(np.float32)
+    g = (3 * s[:, 0] + rng.uniform(-1, 1, 4000)).astype(np.float32)
+    preds = {}
+    for tau in (0.5, 0.9):
+        m = ReturnTokenModel(2, hidden=64)
+        fit_return_token_model(m, s, g, tau, n_steps=1500, seed=0)
+        assert bool(m.fitted)
+        with torch.no_grad():
+            preds[tau] = m(torch.from_numpy(s)).numpy()
+    resid = g - preds[0.5]
+    assert abs(resid.mean()) < 0.1  # the 0.5 expectile is the mean
+    lift = float((preds[0.9] - preds[0.5]).mean())
+    assert 0.3 < lift < 0.8  # 0.9-expectile of U(-1, 1) is 0.5 above its mean
+    below = float((g < preds[0.9]).mean())
+    assert 0.7 < below < 0.9
+
+
+def test_token_model_rejects_a_bad_expectile():
+    with pytest.raises(ValueError, match="token_expectile"):
+        fit_return_token_model(ReturnTokenModel(2), np.zeros((4, 2)), np.zeros(4), 1.0, 1, seed=0)
+
+
+def test_upper_token_is_fitted_used_saved_and_exported(loaded_copy, fitted, tmp_path):
+    algo = loaded_copy
+    algo.config.transformer.return_token = "upper"
+    algo.config.transformer.token_steps = 200
+    algo.fit(fitted.traj, n_steps=2, **FIT_KW)
+    assert bool(algo.impl.token.fitted)
+    obs = fitted.traj.observations[:64]
+    o = torch.from_numpy(obs)
+    token = algo.return_token(o)
+    assert torch.allclose(token, algo.impl.token(o))
+    assert not torch.allclose(token, algo.impl.value.v(o))
+    # the stateful policy conditions on the token model
+    w = algo.as_stateful_wrapper()
+    w.predict(obs[0], 0.0)
+    assert torch.allclose(w._ctx.rtg[0, 0], algo.impl.token(o[:1])[0])
+    # save / load keeps the token model and the mode
+    path = str(tmp_path / "upper.d3")
+    algo.save(path)
+    again = load_ipd(path)
+    assert again.config.transformer.return_token == "upper"
+    np.testing.assert_allclose(again.predict(obs), algo.predict(obs), atol=1e-6)
+    # the exported policy computes the same token inside
+    algo.save_policy(str(tmp_path / "p.pt"))
+    mod = torch.jit.load(str(tmp_path / "p.pt"))
+    k = algo.config.context_size
+    a_exp = mod(o[:k], torch.zeros(k, algo.impl.action_size)).detach().numpy()
+    ref = algo.impl.transformer(o[None, :k], torch.zeros(1, k, algo.impl.action_size), token[None, :k])[0, -1]
+    np.testing.assert_allclose(a_exp, ref.detach().numpy(), atol=1e-5)
+
+
+def test_upper_token_on_a_model_without_a_fitted_token_model_says_what_to_do(loaded_copy):
+    loaded_copy.config.transformer.return_token = "upper"
+    with pytest.raises(RuntimeError, match="token model is not fitted"):
+        loaded_copy.predict(np.zeros((1, loaded_copy.impl.observation_shape[0]), np.float32))
+
+
+def test_models_saved_before_the_token_model_existed_still_load(fitted):
+    buf = io.BytesIO()
+    fitted.algo.impl.save_model(buf)
+    buf.seek(0)
+    chkpt = torch.load(buf, weights_only=False)
+    del chkpt["token"]
+    old = io.BytesIO()
+    torch.save(chkpt, old)
+    algo = load_ipd(fitted.path)
+    algo.impl.load_model(io.BytesIO(old.getvalue()))
+    obs = fitted.traj.observations[:8]
+    np.testing.assert_allclose(algo.predict(obs), fitted.algo.predict(obs), atol=1e-6)
+    assert not bool(algo.impl.token.fitted)
