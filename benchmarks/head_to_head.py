@@ -10,8 +10,8 @@ Finished runs (one JSON file each under <out>/runs/) are skipped, so the command
 Parts:
   main       six datasets x six algorithms
   ablations  on the medium-replay sets: no augmentation; greedy augmentation (IQL policy rollouts instead of MPC);
-             no value guidance (alpha = 0); alpha = 1 (DESIGN's default); fixed target return instead of V(s)
-             (evaluated on every IPD run)
+             no value guidance (alpha = 0); alpha = 1 (DESIGN's default); g = V(s) instead of the return-token
+             model (DESIGN §2.6); fixed target return instead of a state-dependent token (evaluated on every IPD run)
   scaling    imagined data volume x {0, 0.25, 0.5, 1, 2} of the default (number of branch points)
 Writes <out>/results.csv, results.json, summary.md and bars.png, curves.png, scaling.png.
 """
@@ -36,6 +36,7 @@ ABLATIONS = {  # tag -> IPDConfig overrides
     "greedy": {"planner": {"greedy": True}},
     "no-guidance": {"transformer": {"value_guidance": 0.0}},
     "alpha1": {"transformer": {"value_guidance": 1.0}},  # DESIGN's default weight; the CPU profile uses 7.5
+    "value-token": {"transformer": {"return_token": "value"}},  # DESIGN §2.6's g = V(s) instead of the token model
 }
 SCALES = [0.25, 0.5, 2.0]  # 0 is the no-augment ablation and 1 the default run, both shared with the other parts
 

@@ -1,6 +1,7 @@
 """What does a fitted IPD do at the episode start states, for several return tokens?
 
-Prints V at the dataset's episode starts (vs. over the data), then, at those states, the transformer's action size
+Prints V at the dataset's episode starts (vs. over the data) and, for models trained with
+``transformer.return_token="upper"``, the token model's value there; then, at those states, the transformer's action size
 and IQL's Q of it when the return token is V(s0) and when it is larger, next to IQL's policy and the data's
 own first actions. A low V(s0) that yields near-zero actions is the fixed point that stops the halfcheetah runs.
 
@@ -39,7 +40,12 @@ def main() -> None:
         v0 = impl.value.v(o0)
         out["V_at_starts_mean"] = float(v0.mean())
         out["V_over_data_mean"] = float(impl.value.v(torch.from_numpy(traj.observations[::50])).mean())
-        for name, g in [("token=V(s0)", v0)] + [(f"token={t:g}", torch.full((n,), t)) for t in a.tokens]:
+        probes = [("token=V(s0)", v0)]
+        if bool(impl.token.fitted):  # a model trained with transformer.return_token="upper"
+            g0 = impl.token(o0)
+            out["upper_token_at_starts_mean"] = float(g0.mean())
+            probes.append(("token=upper(s0)", g0))
+        for name, g in probes + [(f"token={t:g}", torch.full((n,), t)) for t in a.tokens]:
             act = net(o0[:, None], torch.zeros(n, 1, traj.action_dim), g[:, None])[:, 0]
             out[name] = {"mean_abs_action": float(act.abs().mean()), "Q": float(impl.value.q(o0, act).mean())}
         pi = impl.value.act(o0)

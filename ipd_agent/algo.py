@@ -152,7 +152,8 @@ class IPDImpl(TransformerAlgoImplBase):
         import io
 
         chkpt = torch.load(f, map_location="cpu", weights_only=False)
-        chkpt.setdefault("token", self._modules.token.state_dict())
+        if "token" not in chkpt:
+            chkpt["token"] = ReturnTokenModel(self.observation_shape[0]).state_dict()  # unfitted
         buf = io.BytesIO()
         torch.save(chkpt, buf)
         buf.seek(0)

@@ -93,7 +93,7 @@ class TransformerNetConfig(SerializableConfig):
     grad_clip: float = 0.25  # gradient norm clip (DT recipe)
     value_guidance: float = 1.0  # alpha: weight of the -Q(s, pi)/mean|Q| term; 0 disables it
     rtg_relabel: str = "max"  # return tokens: "max" = QDT relabel r + γ·max(g', V(s')); "one_step" = r + γ·V(s')
-    return_token: str = "value"  # inference token: "value" = V(s) (DESIGN §2.6); "upper" = token model below
+    return_token: str = "upper"  # inference token: "upper" = token model below; "value" = V(s) (DESIGN §2.6, ablation)
     token_expectile: float = 0.9  # "upper": expectile of the training tokens given s that the token model fits
     token_steps: int = 3000  # "upper": gradient steps of the token model (a 2x256 MLP, seconds on CPU)
     imagined_ratio: float = 0.5  # share of each batch drawn from imagined episodes (when any exist)

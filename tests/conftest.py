@@ -39,7 +39,7 @@ def tiny_config(**overrides) -> IPDConfig:
         world_model={"max_steps": 200, "eval_every": 100, "hidden_size": 32, "n_layers": 2},
         planner={"n_samples": 16, "n_iterations": 2},
         augment={"n_branches": 32, "segment_length": 5},
-        transformer={"n_steps": 30, "hidden_size": 32, "n_layers": 1},
+        transformer={"n_steps": 30, "hidden_size": 32, "n_layers": 1, "token_steps": 200},
         context_size=5,
     )
     kw.update(overrides)

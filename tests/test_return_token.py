@@ -39,12 +39,15 @@ def test_token_model_rejects_a_bad_expectile():
         fit_return_token_model(ReturnTokenModel(2), np.zeros((4, 2)), np.zeros(4), 1.0, 1, seed=0)
 
 
-def test_upper_token_is_fitted_used_saved_and_exported(loaded_copy, fitted, tmp_path):
+def test_upper_token_is_the_default_and_is_fitted_used_saved_and_exported(loaded_copy, fitted, tmp_path):
+    from ipd_agent import IPDConfig
+
+    assert IPDConfig().transformer.return_token == "upper"
     algo = loaded_copy
-    algo.config.transformer.return_token = "upper"
-    algo.config.transformer.token_steps = 200
+    assert bool(algo.impl.token.fitted)  # fitted in the transformer stage of the shared fixture
+    before = algo.impl.token.state_dict()["g_mean"].clone()
     algo.fit(fitted.traj, n_steps=2, **FIT_KW)
-    assert bool(algo.impl.token.fitted)
+    assert torch.equal(algo.impl.token.g_mean, before)  # fitted once, not again on a continued fit
     obs = fitted.traj.observations[:64]
     o = torch.from_numpy(obs)
     token = algo.return_token(o)
@@ -71,6 +74,7 @@ def test_upper_token_is_fitted_used_saved_and_exported(loaded_copy, fitted, tmp_
 
 def test_upper_token_on_a_model_without_a_fitted_token_model_says_what_to_do(loaded_copy):
     loaded_copy.config.transformer.return_token = "upper"
+    loaded_copy.impl.token.fitted.fill_(False)
     with pytest.raises(RuntimeError, match="token model is not fitted"):
         loaded_copy.predict(np.zeros((1, loaded_copy.impl.observation_shape[0]), np.float32))
 
@@ -85,6 +89,24 @@ def test_models_saved_before_the_token_model_existed_still_load(fitted):
     torch.save(chkpt, old)
     algo = load_ipd(fitted.path)
     algo.impl.load_model(io.BytesIO(old.getvalue()))
-    obs = fitted.traj.observations[:8]
-    np.testing.assert_allclose(algo.predict(obs), fitted.algo.predict(obs), atol=1e-6)
     assert not bool(algo.impl.token.fitted)
+    obs = fitted.traj.observations[:8]
+    with pytest.raises(RuntimeError, match="return_token='value'"):
+        algo.predict(obs)
+    algo.config.transformer.return_token = "value"  # what such a model was trained for
+    impl = fitted.algo.impl
+    o = torch.from_numpy(obs)[:, None]
+    with torch.no_grad():
+        ref = impl.transformer(o, torch.zeros(len(obs), 1, impl.action_size), impl.value.v(o))[:, 0].numpy()
+    np.testing.assert_allclose(algo.predict(obs), ref, atol=1e-6)
+
+
+def test_value_token_mode_conditions_on_v(loaded_copy, fitted):
+    """return_token='value' is DESIGN §2.6's g_t = V(s_t) (kept as the value-token ablation)."""
+    algo = loaded_copy
+    algo.config.transformer.return_token = "value"
+    o = torch.from_numpy(fitted.traj.observations[:16])
+    assert torch.allclose(algo.return_token(o), algo.impl.value.v(o))
+    w = algo.as_stateful_wrapper()
+    w.predict(fitted.traj.observations[0], 0.0)
+    assert torch.allclose(w._ctx.rtg[0, 0], algo.impl.value.v(o[:1])[0])
