@@ -503,7 +503,7 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
 
     # ----- inference -----------------------------------------------------------------------
     def predict(self, x: Union[TransformerInput, np.ndarray]) -> np.ndarray:  # type: ignore[override]
-        """Actions for a batch of observations [B, obs] (one-step context, g = V(s)), or d3rlpy's
+        """Actions for a batch of observations [B, obs] (one-step context, g = the learned return token of s), or d3rlpy's
         ``TransformerInput`` (action for the last step of that context)."""
         if self._impl is None:
             raise RuntimeError("The model is not built: call fit() or d3rlpy.load_learnable() first.")
@@ -544,7 +544,8 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
 
     def as_stateful_wrapper(self, target_return: Optional[float] = None, action_sampler: Any = None,
                             rtg_mode: Optional[str] = None) -> StatefulIPDWrapper:  # type: ignore[override]
-        """Stateful policy for d3rlpy's evaluators. No target needed: g_t = V(s_t) unless ``rtg_mode='target'``."""
+        """Stateful policy for d3rlpy's evaluators. No target needed: g_t comes from the state
+        (``transformer.return_token``) unless ``rtg_mode='target'``."""
         mode = rtg_mode or ("value" if target_return is None else "target")
         return StatefulIPDWrapper(self, mode, target_return)
 

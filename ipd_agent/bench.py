@@ -255,7 +255,7 @@ def _write_row(path: str, row: dict) -> None:
 
 
 def _target_rtg_eval(algo, traj, env, episodes: int, seed: int, ref) -> dict:
-    """The same trained IPD deployed DT-style: a fixed target return instead of g_t = V(s_t) (ablation).
+    """The same trained IPD deployed DT-style: a fixed target return instead of the state-dependent token (ablation).
 
     The target is the highest return token of the real data on the model's own (discounted, value) scale, i.e.
     "ask for the best the data reached"; it then counts down by each reward, as in DT.

@@ -1,8 +1,9 @@
 """Stage 7: value-conditioned inference (DESIGN §2.6).
 
 ``TransformerContext`` keeps the last K (g, s, a) tokens for each of ``n_envs`` environments and runs
-one batched forward per step. The return token is ``V(s_t)`` at every step (``rtg_mode="value"``), so
-no target return is needed. ``rtg_mode="target"`` is the DT-style alternative on the same discounted
+one batched forward per step. The return token comes from the state at every step (``rtg_mode="value"``):
+the fitted return-token model, or ``V(s_t)`` with ``transformer.return_token="value"``, so no target return
+is needed. ``rtg_mode="target"`` is the DT-style alternative on the same discounted
 scale the transformer was trained on: g_0 = target, then g_{t+1} = (g_t − r_t)/γ, the exact inverse
 of the training relabel's ``g_t = r_t + γ·g_{t+1}``.
 
