@@ -347,6 +347,32 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         planner = MPCPlanner(impl.world_model, impl.value, cfg.planner, cfg.gamma)
         return augment(traj, impl.world_model, impl.value, planner, cfg.augment, cfg.gamma, cfg.seed, show_progress)
 
+    def fit_return_token(self, augmentation: Optional[AugmentationResult] = None, expectile: Optional[float] = None,
+                         rtg: Optional[np.ndarray] = None) -> dict:
+        """(Re)fits the return-token model: an upper expectile of the transformer's training tokens given the state.
+
+        It only sets the inference token, so trying another ``expectile`` takes seconds and no transformer training
+        (``benchmarks/token_sensitivity.py``). Args: ``augmentation`` the training data (default: this fit's);
+        ``expectile`` overrides and updates ``transformer.token_expectile``; ``rtg`` precomputed tokens.
+        """
+        impl, cfg, tcfg = self._impl, self._config, self._config.transformer
+        aug = augmentation if augmentation is not None else self.augmentation
+        if impl is None or aug is None or not impl.stages.is_done("value"):
+            raise RuntimeError("fit_return_token needs a fitted value function and the augmented data: call fit() "
+                               "first, or pass augmentation=algo.augment(dataset).")
+        if expectile is not None:
+            tcfg.token_expectile = float(expectile)
+        traj = aug.trajectories
+        if rtg is None:
+            rtg = value_returns_to_go(traj, batched_values(impl.value, traj.next_observations), cfg.gamma,
+                                      tcfg.rtg_relabel)
+        learn = (traj.episode_ids < aug.n_real_episodes) | traj.imagined  # rows whose actions are taught
+        t0 = time.perf_counter()
+        loss = fit_return_token_model(impl.token, traj.observations[learn], rtg[learn], tcfg.token_expectile,
+                                      tcfg.token_steps, seed=cfg.seed + 3)
+        self.stage_metrics["return_token"] = {"loss": loss, "seconds": time.perf_counter() - t0}
+        return self.stage_metrics["return_token"]
+
     def _reset_transformer(self) -> None:
         impl = self._impl
         cfg = self._config
@@ -374,11 +400,7 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
                 net.obs_std.copy_(torch.from_numpy(traj.observations[real].std(0) + 1e-6))
                 net.rtg_scale.fill_(float(np.abs(rtg[real]).mean() + 1e-6))
         if tcfg.return_token == "upper" and not bool(impl.token.fitted):
-            learn = (traj.episode_ids < aug.n_real_episodes) | traj.imagined  # rows whose actions are taught
-            t0 = time.perf_counter()
-            loss = fit_return_token_model(impl.token, traj.observations[learn], rtg[learn], tcfg.token_expectile,
-                                          tcfg.token_steps, seed=cfg.seed + 3)
-            self.stage_metrics["return_token"] = {"loss": loss, "seconds": time.perf_counter() - t0}
+            self.fit_return_token(aug, rtg=rtg)
         sampler = WindowSampler(traj, rtg, cfg.context_size, tcfg.imagined_ratio, aug.n_real_episodes,
                                 seed=cfg.seed + int(impl.stages.transformer_steps))
         if getattr(self, "_optim", None) is None:

@@ -110,3 +110,18 @@ def test_value_token_mode_conditions_on_v(loaded_copy, fitted):
     w = algo.as_stateful_wrapper()
     w.predict(fitted.traj.observations[0], 0.0)
     assert torch.allclose(w._ctx.rtg[0, 0], algo.impl.value.v(o[:1])[0])
+
+
+def test_refitting_the_token_with_a_higher_expectile_raises_it_without_touching_the_transformer(loaded_copy, fitted):
+    algo = loaded_copy
+    with pytest.raises(RuntimeError, match="augment"):
+        algo.fit_return_token()  # a loaded model has no augmentation in memory: says how to get one
+    aug = algo.augment(fitted.traj, show_progress=False)
+    o = torch.from_numpy(fitted.traj.observations[::10])
+    net_before = {k: v.clone() for k, v in algo.impl.transformer.state_dict().items()}
+    algo.fit_return_token(aug, expectile=0.6)
+    low = algo.return_token(o).mean()
+    algo.fit_return_token(aug, expectile=0.95)
+    assert algo.config.transformer.token_expectile == 0.95
+    assert algo.return_token(o).mean() > low
+    assert all(torch.equal(v, algo.impl.transformer.state_dict()[k]) for k, v in net_before.items())
