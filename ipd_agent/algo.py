@@ -89,6 +89,10 @@ class IPDConfig(TransformerConfig):
         if self.batch_size != default_bs and self.transformer.batch_size == default_bs:
             self.transformer.batch_size = self.batch_size
         self.batch_size = self.transformer.batch_size
+        for field, allowed in (("return_token", ("upper", "value")), ("rtg_relabel", ("max", "one_step"))):
+            if getattr(self.transformer, field) not in allowed:  # caught here, not after hours of fitting
+                raise ValueError(f"transformer.{field} must be one of {allowed}, got "
+                                 f"{getattr(self.transformer, field)!r}")
         if isinstance(self.value.hidden_units, list):
             self.value.hidden_units = tuple(self.value.hidden_units)
 
@@ -525,8 +529,8 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
 
     # ----- inference -----------------------------------------------------------------------
     def predict(self, x: Union[TransformerInput, np.ndarray]) -> np.ndarray:  # type: ignore[override]
-        """Actions for a batch of observations [B, obs] (one-step context, g = the learned return token of s), or d3rlpy's
-        ``TransformerInput`` (action for the last step of that context)."""
+        """Actions for a batch of observations [B, obs] (one-step context, g = the return token of s), or
+        d3rlpy's ``TransformerInput`` (action for the last step of that context)."""
         if self._impl is None:
             raise RuntimeError("The model is not built: call fit() or d3rlpy.load_learnable() first.")
         if isinstance(x, TransformerInput):

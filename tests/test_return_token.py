@@ -125,3 +125,11 @@ def test_refitting_the_token_with_a_higher_expectile_raises_it_without_touching_
     assert algo.config.transformer.token_expectile == 0.95
     assert algo.return_token(o).mean() > low
     assert all(torch.equal(v, algo.impl.transformer.state_dict()[k]) for k, v in net_before.items())
+
+
+@pytest.mark.parametrize("field", ["return_token", "rtg_relabel"])
+def test_unknown_token_settings_are_rejected_when_the_config_is_made(field):
+    from ipd_agent import IPDConfig
+
+    with pytest.raises(ValueError, match=f"transformer.{field} must be one of"):
+        IPDConfig(transformer={field: "typo"})
