@@ -250,7 +250,7 @@ def fit_return_token_model(model: ReturnTokenModel, obs: np.ndarray, g: np.ndarr
         sched.step()
     model.eval()
     model.fitted.fill_(True)
-    return float(loss)
+    return float(loss.detach())
 
 
 def lr_lambda(warmup: int):
