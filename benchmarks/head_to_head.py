@@ -139,15 +139,16 @@ def plots(rows: list[dict], out: str, scaling_sets: list[str], default_branches:
     sets = [d for d in DATASETS if d in summ]
     if sets:  # per-dataset bars with std error bars
         fig, ax = plt.subplots(figsize=(11, 4))
-        w = 0.8 / len(ALGOS)
-        for i, a in enumerate(ALGOS):
+        present = [a for a in ALGOS if any(a in summ[d] for d in sets)]  # no empty legend entries
+        w = 0.8 / len(present)
+        for i, a in enumerate(present):
             m = [summ[d][a][0] if a in summ[d] else np.nan for d in sets]
             s = [summ[d][a][1] if a in summ[d] else 0.0 for d in sets]
-            ax.bar(np.arange(len(sets)) + (i - (len(ALGOS) - 1) / 2) * w, m, w, yerr=s, capsize=2, label=a,
-                   color=f"C{i}")
-        ax.set_xticks(np.arange(len(sets)), [short(d) for d in sets])
+            ax.bar(np.arange(len(sets)) + (i - (len(present) - 1) / 2) * w, m, w, yerr=s, capsize=2, label=a,
+                   color=f"C{ALGOS.index(a)}")
+        ax.set_xticks(np.arange(len(sets)), [short(d).replace("/", "\n") for d in sets])
         ax.set_ylabel("normalised score (last iterate)")
-        ax.legend(ncol=len(ALGOS), fontsize=8)
+        ax.legend(ncol=len(present), fontsize=8)
         ax.set_title("IPD vs d3rlpy baselines, mean ± std over seeds")
         fig.tight_layout()
         fig.savefig(os.path.join(out, "bars.png"), dpi=110)

@@ -105,7 +105,7 @@ def test_predict_with_d3rlpy_transformer_input(fitted):
     impl, k = algo.impl, algo.config.context_size
     ep = _episode(traj, 2 * k)
     with torch.no_grad():
-        v = impl.value.v(torch.from_numpy(ep["observations"])).numpy()
+        v = algo.return_token(torch.from_numpy(ep["observations"])).numpy()  # what deployment conditions on
 
     def tinput(n):
         return TransformerInput(
@@ -123,7 +123,7 @@ def test_predict_with_d3rlpy_transformer_input(fitted):
         got = algo.predict(tinput(n))
         assert got.shape == (traj.action_dim,)
         np.testing.assert_allclose(got, direct(max(0, n - k), n), atol=1e-5, err_msg=f"n={n}")
-    # a one-step context with g = V(s) is exactly what predict(obs batch) does
+    # a one-step context with the state's return token is exactly what predict(obs batch) does
     np.testing.assert_allclose(algo.predict(tinput(1)), algo.predict(ep["observations"][:1])[0], atol=1e-6)
 
 

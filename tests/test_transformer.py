@@ -125,7 +125,8 @@ def test_target_mode_inverts_the_training_relabel_exactly(fitted):
 
 
 def test_stateful_wrapper_equals_feeding_the_windows_directly(fitted):
-    """Value mode: g_t = V(s_t) and the last K steps, exactly as a training window would present them."""
+    """Value mode: g_t = the state's return token and the last K steps, exactly as a training window would
+    present them."""
     algo = fitted.algo
     impl, k = algo.impl, algo.config.context_size
     ep = fitted.traj.episode(int(np.flatnonzero(fitted.traj.episode_lengths >= 3 * k)[0]))
@@ -133,7 +134,7 @@ def test_stateful_wrapper_equals_feeding_the_windows_directly(fitted):
     w = algo.as_stateful_wrapper()
     acts = np.asarray([w.predict(o, float(r)) for o, r in zip(obs, ep["rewards"])])
     with torch.no_grad():
-        v = impl.value.v(torch.from_numpy(obs))
+        v = algo.return_token(torch.from_numpy(obs))
         for t in range(len(obs)):
             lo = max(0, t - k + 1)
             o = torch.from_numpy(obs[None, lo:t + 1])
@@ -141,7 +142,7 @@ def test_stateful_wrapper_equals_feeding_the_windows_directly(fitted):
             a[:, -1] = 0.0  # the current action token is unknown at inference (and invisible to s_t anyway)
             direct = impl.transformer(o, a, v[None, lo:t + 1])[0, -1].numpy()
             np.testing.assert_allclose(acts[t], direct, atol=1e-5, err_msg=f"step {t}")
-    # the context really holds V(s) as return tokens
+    # the context really holds the state's return tokens
     ctx = w._ctx
     torch.testing.assert_close(ctx.rtg[0], v[-k:])
     torch.testing.assert_close(ctx.obs[0], torch.from_numpy(obs[-k:]))
