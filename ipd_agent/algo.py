@@ -37,7 +37,7 @@ from .data import DatasetError, Trajectories, to_trajectories
 from .planner import MPCPlanner
 from .policy import IPDPolicy, StatefulIPDWrapper
 from .transformer import (CausalTransformer, ReturnTokenModel, WindowSampler, fit_return_token_model, lr_lambda,
-                          value_guided_loss, value_returns_to_go)
+                          taught_rows, value_guided_loss, value_returns_to_go)
 from .value import ValueFunctions, fit_value_functions, make_iql
 from .world_model import WorldModel, fit_world_model
 
@@ -370,7 +370,7 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         if rtg is None:
             rtg = value_returns_to_go(traj, batched_values(impl.value, traj.next_observations), cfg.gamma,
                                       tcfg.rtg_relabel)
-        learn = (traj.episode_ids < aug.n_real_episodes) | traj.imagined  # rows whose actions are taught
+        learn = taught_rows(traj, aug.n_real_episodes)  # the same rows the transformer learns from
         t0 = time.perf_counter()
         loss = fit_return_token_model(impl.token, traj.observations[learn], rtg[learn], tcfg.token_expectile,
                                       tcfg.token_steps, seed=cfg.seed + 3)

@@ -27,7 +27,7 @@ from torch import nn
 from .config import TransformerNetConfig
 from .data import Trajectories
 
-__all__ = ["value_returns_to_go", "WindowSampler", "CausalTransformer", "value_guided_loss", "ReturnTokenModel",
+__all__ = ["value_returns_to_go", "taught_rows", "WindowSampler", "CausalTransformer", "value_guided_loss", "ReturnTokenModel",
            "fit_return_token_model"]
 
 
@@ -60,6 +60,14 @@ def value_returns_to_go(traj: Trajectories, v_next: np.ndarray, gamma: float, mo
     return g.astype(np.float32)
 
 
+def taught_rows(traj: Trajectories, n_real_episodes: int) -> np.ndarray:
+    """Rows whose action the transformer learns (and whose token the return-token model fits): every row of the
+    first ``n_real_episodes`` (real) episodes and the imagined rows of spliced episodes. The real prefix of a
+    spliced episode is context only: its return tokens carry the imagined future, which its (real, worse) actions
+    did not earn, so regressing them would teach "high g -> the old action"."""
+    return (traj.episode_ids < n_real_episodes) | traj.imagined
+
+
 class WindowSampler:
     """Samples [B, K] context windows from flat tensors; real and imagined pools mixed by ratio."""
 
@@ -72,10 +80,7 @@ class WindowSampler:
         ep = traj.episode_ids
         self.ep_end = torch.from_numpy(traj.episode_starts[1:][ep])  # exclusive end per row
         n_real = traj.n_episodes if n_real_episodes is None else n_real_episodes
-        # rows that teach an action: every real-episode row and the imagined rows of spliced episodes. The real
-        # prefix of a spliced episode is context only: its return tokens carry the imagined future, which its
-        # (real, worse) actions did not earn, so regressing them would teach "high g -> the old action".
-        self.learn = torch.from_numpy(traj.episode_ids < n_real) | torch.from_numpy(traj.imagined)
+        self.learn = torch.from_numpy(taught_rows(traj, n_real))
         real_rows = np.arange(traj.episode_starts[n_real])
         # imagined pool: window starts whose window reaches the imagined part of a spliced episode
         spliced = ep >= n_real
