@@ -31,32 +31,38 @@ def main() -> None:
     os.environ["MINARI_DATASETS_PATH"] = os.path.abspath(a.minari_path)
     from ipd_agent import load_ipd, load_minari
     from ipd_agent.policy import TransformerContext
-    algo = load_ipd(a.model); traj, meta = load_minari(a.dataset)
-    impl = algo.impl; wm = impl.world_model.eval(); gamma = algo.config.gamma
-    aug = algo.augment(traj, show_progress=False)
+
+    algo = load_ipd(a.model)
+    traj, _ = load_minari(a.dataset)
+    impl, gamma = algo.impl, algo.config.gamma
+    wm = impl.world_model.eval()
+    aug = algo.augment(traj, show_progress=False)  # the token model is fitted on the training tokens
     starts = traj.observations[traj.episode_starts[:-1]]
     rng = np.random.default_rng(0)
     s0 = torch.from_numpy(starts[rng.choice(len(starts), min(a.n, len(starts)), replace=False)])
     kappa = float(wm.threshold)
     res = {}
     for e in ["value"] + a.expectiles:
-        if e == "value": algo.config.transformer.return_token = "value"
+        if e == "value":
+            algo.config.transformer.return_token = "value"
         else:
-            algo.config.transformer.return_token = "upper"; algo.fit_return_token(aug, expectile=e)
+            algo.config.transformer.return_token = "upper"
+            algo.fit_return_token(aug, expectile=e)
         for pess in ("stop0", "stopV"):
-            gen = torch.Generator().manual_seed(0)
+            gen = torch.Generator().manual_seed(0)  # the same imagined noise for every setting
             ctx = TransformerContext(algo, len(s0), "value")
-            s = s0.clone(); alive = torch.ones(len(s0), dtype=torch.bool); ret = torch.zeros(len(s0)); disc = 1.0
-            lens = torch.zeros(len(s0))
+            s = s0.clone()
+            alive = torch.ones(len(s0), dtype=torch.bool)
+            ret, lens, disc = torch.zeros(len(s0)), torch.zeros(len(s0)), 1.0
             with torch.no_grad():
-                for t in range(a.horizon):
+                for _ in range(a.horizon):
                     act = torch.from_numpy(ctx.step(s.numpy()))
                     nxt, r, term, u = wm.step(s, act, generator=gen)
                     ret += torch.where(alive, disc * r, torch.zeros_like(r))
                     lens += alive.float()
                     unc = u > kappa
                     stop = alive & (term | unc)
-                    if pess == "stopV":
+                    if pess == "stopV":  # bootstrap with V where the model stopped being trusted (not at terminals)
                         boot = alive & unc & ~term
                         ret += torch.where(boot, disc * gamma * impl.value.v(nxt), torch.zeros_like(r))
                     alive = alive & ~stop
