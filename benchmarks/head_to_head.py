@@ -250,6 +250,10 @@ def main() -> None:
     p.add_argument("--profile", default="cpu", help="cpu, tiny, gpu or a JSON file")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--algos", nargs="+", default=None, help="restrict the main part to these algorithms")
+    p.add_argument("--datasets", nargs="+", default=None, choices=DATASETS,
+                   help="restrict the main part to these datasets")
+    p.add_argument("--ablations", nargs="+", default=None, choices=list(ABLATIONS),
+                   help="restrict the ablations part to these ablations")
     p.add_argument("--ablation-datasets", nargs="+", default=MEDIUM_REPLAY)
     p.add_argument("--scaling-datasets", nargs="+", default=[MEDIUM_REPLAY[0]])
     p.add_argument("--workers", type=int, default=2, help="parallel runs, one torch thread each")
@@ -261,8 +265,13 @@ def main() -> None:
     if not a.report_only:
         jobs = []
         for part in a.part:
-            jobs += [j for j in jobs_for(part, a.seeds, prof, a.ablation_datasets, a.scaling_datasets)
-                     if part != "main" or a.algos is None or j["algo"] in a.algos]
+            for j in jobs_for(part, a.seeds, prof, a.ablation_datasets, a.scaling_datasets):
+                if part == "main" and ((a.algos and j["algo"] not in a.algos) or
+                                       (a.datasets and j["dataset"] not in a.datasets)):
+                    continue
+                if part == "ablations" and a.ablations and j["tag"] not in a.ablations:
+                    continue
+                jobs.append(j)
         run_sweep(jobs, prof, a.out, workers=a.workers, dataset_root=os.path.abspath(a.minari_path),
                   ray_address=a.ray_address)
     print(report(a.out, prof, a.scaling_datasets))
