@@ -335,6 +335,21 @@ def _prefit_job(dataset_id: str, seed: int, profile: Profile, out_dir: str, over
     return dataset_id
 
 
+def _prefits_needed(jobs: list[dict], profile: Profile, out_dir: str) -> list[dict]:
+    """One IPD job per distinct (dataset, stage 1-2 settings) among the unfinished IPD jobs: the sweep fits stages 1-2
+    for these first, so variants that share them never race to fit them twice."""
+    needed, seen = [], set()
+    for j in jobs:
+        label = j["algo"] + (f"-{j['tag']}" if j.get("tag") else "")
+        if j["algo"] != "ipd" or os.path.exists(_row_path(out_dir, j["dataset"], label, j["seed"])):
+            continue
+        key = (j["dataset"], _prefit_key(make_ipd_config(profile, j["seed"], j.get("ipd_overrides")), j["dataset"]))
+        if key not in seen:
+            seen.add(key)
+            needed.append(j)
+    return needed
+
+
 def _report(row: dict, show_progress: bool) -> None:
     if show_progress:
         from tqdm.auto import tqdm
@@ -359,15 +374,8 @@ def _ray_sweep(jobs: list[dict], profile: Profile, out_dir: str, dataset_root: O
         out_abs = os.path.abspath(out_dir)
         remote_prefit = ray.remote(num_cpus=profile.threads)(_prefit_job)
         remote_run = ray.remote(num_cpus=profile.threads)(run_one)  # Ray reuses workers: peak RSS is the worker's
-        pre, seen = [], set()
-        for j in jobs:
-            k = (j["dataset"], j["seed"], _prefit_key(make_ipd_config(profile, j["seed"], j.get("ipd_overrides")),
-                                                      j["dataset"]))
-            if j["algo"] == "ipd" and k not in seen:
-                seen.add(k)
-                pre.append(remote_prefit.remote(j["dataset"], j["seed"], profile, out_abs, j.get("ipd_overrides"),
-                                                dataset_root))
-        ray.get(pre)
+        ray.get([remote_prefit.remote(j["dataset"], j["seed"], profile, out_abs, j.get("ipd_overrides"), dataset_root)
+                 for j in _prefits_needed(jobs, profile, out_dir)])
         refs = [remote_run.remote(j["algo"], j["dataset"], j["seed"], profile, out_abs, j.get("tag", ""),
                                   j.get("ipd_overrides"), dataset_root) for j in jobs]
         rows, pending = [], list(refs)
@@ -399,15 +407,8 @@ def run_sweep(jobs: list[dict], profile: Profile, out_dir: str, workers: int = 2
     # a fresh process per run: no state carried between runs, and peak memory is the run's own
     with ProcessPoolExecutor(max_workers=workers, max_tasks_per_child=1) as pool:
         # stages 1-2 first, once per (dataset, seed, settings), so variants never race to fit them
-        pre, seen = [], set()
-        for j in jobs:
-            if j["algo"] != "ipd":
-                continue
-            k = (j["dataset"], _prefit_key(make_ipd_config(profile, j["seed"], j.get("ipd_overrides")), j["dataset"]))
-            if k not in seen:
-                seen.add(k)
-                pre.append(pool.submit(_prefit_job, j["dataset"], j["seed"], profile, out_dir, j.get("ipd_overrides"),
-                                       dataset_root))
+        pre = [pool.submit(_prefit_job, j["dataset"], j["seed"], profile, out_dir, j.get("ipd_overrides"), dataset_root)
+               for j in _prefits_needed(jobs, profile, out_dir)]
         def submit(j):
             return pool.submit(run_one, j["algo"], j["dataset"], j["seed"], profile, out_dir, j.get("tag", ""),
                                j.get("ipd_overrides"), dataset_root)

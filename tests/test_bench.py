@@ -66,3 +66,21 @@ def test_the_same_sweep_runs_on_ray(hopper_episodes, tmp_path):
     assert all(np.isfinite(r["normalized_score"]) and len(r["learning_curve"]) == 2 for r in rows)
     for r in rows:  # written where the driver runs
         assert (out / "runs" / "ipdtest__hopper-random-v0" / f"{r['algo']}_seed1.json").exists()
+
+
+def test_stages_one_and_two_are_planned_once_per_setting(tmp_path):
+    from ipd_agent.bench import _prefits_needed, _row_path, _write_row
+
+    d = "ipdtest/hopper-random-v0"
+    jobs = [{"algo": "ipd", "dataset": d, "seed": 0},
+            {"algo": "ipd", "tag": "no-guidance", "dataset": d, "seed": 0,  # transformer-only change: shares the cache
+             "ipd_overrides": {"transformer": {"value_guidance": 0.0}}},
+            {"algo": "ipd", "tag": "big-wm", "dataset": d, "seed": 0,  # world-model change: needs its own fit
+             "ipd_overrides": {"world_model": {"hidden_size": 64}}},
+            {"algo": "ipd", "dataset": d, "seed": 1},
+            {"algo": "bc", "dataset": d, "seed": 0}]
+    needed = _prefits_needed(jobs, PROFILE, str(tmp_path))
+    assert [(j.get("tag", ""), j["seed"]) for j in needed] == [("", 0), ("big-wm", 0), ("", 1)]
+    _write_row(_row_path(str(tmp_path), d, "ipd", 1), {"algo": "ipd"})  # a finished run needs no prefit
+    assert [(j.get("tag", ""), j["seed"]) for j in _prefits_needed(jobs, PROFILE, str(tmp_path))] == [("", 0),
+                                                                                                     ("big-wm", 0)]
