@@ -100,11 +100,16 @@ def main_table(rows: list[dict]) -> tuple[str, dict]:
 
 
 def variant_table(rows: list[dict], labels: list[str], datasets: list[str]) -> str:
+    """One row per dataset with any variant result; a mean row for variants run on every such dataset."""
     summ = summarise([r for r in rows if r["algo"] in labels])
+    shown = [d for d in datasets if any(a in summ.get(d, {}) for a in labels[1:])]
     lines = ["| dataset | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
-    for d in datasets:
-        if d in summ:
-            lines.append(f"| {short(d)} | " + " | ".join(cell(summ, d, a) for a in labels) + " |")
+    for d in shown:
+        lines.append(f"| {short(d)} | " + " | ".join(cell(summ, d, a) for a in labels) + " |")
+    if len(shown) > 1:
+        means = [f"{np.mean([summ[d][a][0] for d in shown]):.1f}" if all(a in summ[d] for d in shown) else "–"
+                 for a in labels]
+        lines.append(f"| **mean over {len(shown)}** | " + " | ".join(means) + " |")
     return "\n".join(lines)
 
 
@@ -207,7 +212,7 @@ def report(out: str, profile, scaling_sets: list[str]) -> str:
     lines = [f"Profile `{profile.name}` ({profile.q_steps} Q-learning steps, {profile.transformer_steps} transformer "
              f"steps, {profile.eval_episodes} evaluation episodes, last iterate); normalised score, mean ± std over "
              f"seeds {seeds} (n shown where < 3); code at {', '.join(commits)}.", "", "## Main table", "", table, "",
-             "## Ablations (medium-replay)", "", variant_table(rows, ab_labels, MEDIUM_REPLAY), "",
+             "## Ablations", "", variant_table(rows, ab_labels, DATASETS), "",
              "## Scaling with imagined data", ""]
     for d in scaling_sets:
         pts = scaling_points(rows, d, default_branches)
