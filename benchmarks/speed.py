@@ -229,7 +229,33 @@ def world_model_and_planner(obs_dim: int, act_dim: int, n_branches: int) -> dict
         "imagined_transitions_per_s": 1.0 / per_state_batched,  # one executed transition per planner call
         "branch_states_per_call": n_branches,
     })
+    out.update(mpc_model_floor(wm, planner, states, per_state_naive, per_state_batched))
     return out, wm, value
+
+
+def mpc_model_floor(wm, planner, states: torch.Tensor, per_state_naive: float, per_state_batched: float) -> dict:
+    """The least time any implementation of this planner can take: its world-model evaluations alone, each as one
+    batched call over all states (candidate scoring in bf16 where active, the final choice and warm start in fp32).
+    naive / floor bounds the speedup that batching can give over the naive loop."""
+    cfg = planner.cfg
+    b, n, h = len(states), cfg.n_samples, cfg.horizon
+    act_dim = wm.act_dim
+    s_cand, a_cand = states.repeat_interleave(n, 0), torch.rand(b * n, act_dim) * 2 - 1
+    s_fin, a_fin = states.repeat_interleave(2, 0), torch.rand(b * 2, act_dim) * 2 - 1
+
+    def model_calls():
+        with torch.no_grad():
+            for _ in range(cfg.n_iterations * h):  # candidate scoring
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=planner.bf16):
+                    wm.predict_elites(s_cand, a_cand)
+            for _ in range(h):  # final fp32 choice (best plan vs warm start) and the warm start's own rollout
+                wm.predict_elites(s_fin, a_fin)
+                wm.predict_elites(states, a_fin[:b])
+
+    floor = timeit(model_calls, 3, warmup=1) / b
+    return {"mpc_model_floor_s_per_state": floor,
+            "mpc_batched_share_in_world_model": floor / per_state_batched,
+            "mpc_speedup_ceiling_vs_naive_loop": per_state_naive / floor}
 
 
 def planner_bf16_quality(model: str, minari_path: str, dataset_id: str, n_states: int = 512) -> dict:
@@ -293,6 +319,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     p.add_argument("--minari-path", default="../shared/datasets", help="for the bf16 accuracy check")
     p.add_argument("--accuracy-steps", type=int, default=1500, help="training steps of the bf16 accuracy check; 0 skips")
+    p.add_argument("--mpc-only", action="store_true", help="only the world-model and MPC figures (section 3)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of a training step and "
                    "of a planner call")
     p.add_argument("--profile-only", action="store_true", help="only print the profiles")
@@ -312,6 +339,13 @@ def main() -> None:
             print(profile_planner(obs_dim, act_dim, a.branches, bf16), flush=True)
         if a.profile_only:
             return
+    if a.mpc_only:
+        res["world_model_and_mpc"], _, _ = world_model_and_planner(obs_dim, act_dim, a.branches)
+        print(json.dumps(res["world_model_and_mpc"], indent=1), flush=True)
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(res, f, indent=1)
+        return
     if a.accuracy_steps:
         res["bf16_accuracy"] = bf16_accuracy(a.minari_path, "d4rlstyle/hopper/medium-replay-v0", 64, 2, a.context,
                                              a.batch, a.accuracy_steps)
