@@ -335,13 +335,29 @@ def _prefit_job(dataset_id: str, seed: int, profile: Profile, out_dir: str, over
     return dataset_id
 
 
+def _job_row_path(out_dir: str, job: dict) -> str:
+    return _row_path(out_dir, job["dataset"], job["algo"] + (f"-{job['tag']}" if job.get("tag") else ""), job["seed"])
+
+
+def _finished_rows(jobs: list[dict], out_dir: str) -> tuple[list[dict], list[dict]]:
+    """(rows of the jobs already run, the jobs still to run)."""
+    rows, todo = [], []
+    for j in jobs:
+        path = _job_row_path(out_dir, j)
+        if os.path.exists(path):
+            with open(path) as f:
+                rows.append(json.load(f))
+        else:
+            todo.append(j)
+    return rows, todo
+
+
 def _prefits_needed(jobs: list[dict], profile: Profile, out_dir: str) -> list[dict]:
     """One IPD job per distinct (dataset, stage 1-2 settings) among the unfinished IPD jobs: the sweep fits stages 1-2
     for these first, so variants that share them never race to fit them twice."""
     needed, seen = [], set()
     for j in jobs:
-        label = j["algo"] + (f"-{j['tag']}" if j.get("tag") else "")
-        if j["algo"] != "ipd" or os.path.exists(_row_path(out_dir, j["dataset"], label, j["seed"])):
+        if j["algo"] != "ipd" or os.path.exists(_job_row_path(out_dir, j)):
             continue
         key = (j["dataset"], _prefit_key(make_ipd_config(profile, j["seed"], j.get("ipd_overrides")), j["dataset"]))
         if key not in seen:
@@ -401,9 +417,11 @@ def run_sweep(jobs: list[dict], profile: Profile, out_dir: str, workers: int = 2
     """
     from tqdm.auto import tqdm
 
+    rows, jobs = _finished_rows(jobs, out_dir)  # read back here: no worker process is started for them
+    if not jobs:
+        return rows
     if ray_address:
-        return _ray_sweep(jobs, profile, out_dir, dataset_root, ray_address, show_progress)
-    rows = []
+        return rows + _ray_sweep(jobs, profile, out_dir, dataset_root, ray_address, show_progress)
     # a fresh process per run: no state carried between runs, and peak memory is the run's own
     with ProcessPoolExecutor(max_workers=workers, max_tasks_per_child=1) as pool:
         # stages 1-2 first, once per (dataset, seed, settings), so variants never race to fit them

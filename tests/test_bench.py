@@ -43,7 +43,7 @@ def test_sweep_rows_curves_and_resume(hopper_episodes, tmp_path):
     # finished runs are read back, not re-run
     t0 = time.perf_counter()
     again = run_sweep(jobs, PROFILE, out, workers=1, dataset_root=str(root), show_progress=False)
-    assert time.perf_counter() - t0 < 30
+    assert time.perf_counter() - t0 < 5  # read back in this process: no worker starts, nothing is trained
     assert sorted(again, key=lambda r: r["algo"]) == sorted(rows, key=lambda r: r["algo"])
     table = markdown_table(rows, ["ipd", "bc"])
     assert "ipdtest/hopper-random-v0" in table and table.count("±") == 2
