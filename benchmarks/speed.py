@@ -289,6 +289,7 @@ def inference(obs_dim: int, act_dim: int, hidden: int, layers: int, k: int, dt) 
 
     algo = IPDConfig(context_size=k, transformer={"hidden_size": hidden, "n_layers": layers}).create("cpu:0")
     algo.create_impl((obs_dim,), act_dim)
+    algo.impl.token.fitted.fill_(True)  # untrained weights, same cost: times the default (learned return token) path
     wrapper = algo.as_stateful_wrapper()
     obs = np.random.default_rng(0).normal(size=obs_dim).astype(np.float32)
     for _ in range(k):  # fill the context so we time the steady state
