@@ -239,9 +239,8 @@ def mpc_model_floor(wm, planner, states: torch.Tensor, per_state_naive: float, p
     naive / floor bounds the speedup that batching can give over the naive loop."""
     cfg = planner.cfg
     b, n, h = len(states), cfg.n_samples, cfg.horizon
-    act_dim = wm.act_dim
-    s_cand, a_cand = states.repeat_interleave(n, 0), torch.rand(b * n, act_dim) * 2 - 1
-    s_fin, a_fin = states.repeat_interleave(2, 0), torch.rand(b * 2, act_dim) * 2 - 1
+    s_cand, a_cand = states.repeat_interleave(n, 0), torch.rand(b * n, wm.act_dim) * 2 - 1
+    s_fin, a_fin = states.repeat_interleave(2, 0), torch.rand(b * 2, wm.act_dim) * 2 - 1
 
     def model_calls():
         with torch.no_grad():
@@ -320,7 +319,8 @@ def main() -> None:
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     p.add_argument("--minari-path", default="../shared/datasets", help="for the bf16 accuracy check")
     p.add_argument("--accuracy-steps", type=int, default=1500, help="training steps of the bf16 accuracy check; 0 skips")
-    p.add_argument("--mpc-only", action="store_true", help="only the world-model and MPC figures (section 3)")
+    p.add_argument("--mpc-only", action="store_true", help="only the world-model and MPC figures (section 3, and the "
+                   "--model planning check)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of a training step and "
                    "of a planner call")
     p.add_argument("--profile-only", action="store_true", help="only print the profiles")
@@ -340,27 +340,23 @@ def main() -> None:
             print(profile_planner(obs_dim, act_dim, a.branches, bf16), flush=True)
         if a.profile_only:
             return
-    if a.mpc_only:
-        res["world_model_and_mpc"], _, _ = world_model_and_planner(obs_dim, act_dim, a.branches)
-        print(json.dumps(res["world_model_and_mpc"], indent=1), flush=True)
-        if a.out:
-            with open(a.out, "w") as f:
-                json.dump(res, f, indent=1)
-        return
-    if a.accuracy_steps:
+    full = not a.mpc_only  # --mpc-only: section 3 (and the --model planning check) alone
+    if full and a.accuracy_steps:
         res["bf16_accuracy"] = bf16_accuracy(a.minari_path, "d4rlstyle/hopper/medium-replay-v0", 64, 2, a.context,
                                              a.batch, a.accuracy_steps)
         print(json.dumps(res["bf16_accuracy"], indent=1), flush=True)
-    res["transformer_steps_per_s"], dt = transformer_training(obs_dim, act_dim, a.hidden, a.layers, a.context,
-                                                              a.batch, a.steps)
-    print(json.dumps(res["transformer_steps_per_s"], indent=1), flush=True)
+    if full:
+        res["transformer_steps_per_s"], dt = transformer_training(obs_dim, act_dim, a.hidden, a.layers, a.context,
+                                                                  a.batch, a.steps)
+        print(json.dumps(res["transformer_steps_per_s"], indent=1), flush=True)
     res["world_model_and_mpc"], _, _ = world_model_and_planner(obs_dim, act_dim, a.branches)
     print(json.dumps(res["world_model_and_mpc"], indent=1), flush=True)
     if a.model:
         res["planner_bf16_quality"] = planner_bf16_quality(a.model, a.minari_path, a.model_dataset)
         print(json.dumps(res["planner_bf16_quality"], indent=1), flush=True)
-    res["inference"] = inference(obs_dim, act_dim, a.hidden, a.layers, a.context, dt)
-    print(json.dumps(res["inference"], indent=1), flush=True)
+    if full:
+        res["inference"] = inference(obs_dim, act_dim, a.hidden, a.layers, a.context, dt)
+        print(json.dumps(res["inference"], indent=1), flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)

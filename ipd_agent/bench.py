@@ -157,7 +157,7 @@ def run_one(algo_name: str, dataset_id: str, seed: int, profile: Profile, out_di
     import torch
 
     torch.set_num_threads(profile.threads)
-    label = algo_name + (f"-{tag}" if tag else "")
+    label = _run_label(algo_name, tag)
     path = _row_path(out_dir, dataset_id, label, seed)
     if os.path.exists(path):
         with open(path) as f:
@@ -240,6 +240,11 @@ def run_one(algo_name: str, dataset_id: str, seed: int, profile: Profile, out_di
     }
     _write_row(path, row)
     return row
+
+
+def _run_label(algo_name: str, tag: str = "") -> str:
+    """The name a run's row carries (and its file is named by): the algorithm, with the variant tag if any."""
+    return algo_name + (f"-{tag}" if tag else "")
 
 
 def _row_path(out_dir: str, dataset_id: str, label: str, seed: int) -> str:
@@ -336,7 +341,7 @@ def _prefit_job(dataset_id: str, seed: int, profile: Profile, out_dir: str, over
 
 
 def _job_row_path(out_dir: str, job: dict) -> str:
-    return _row_path(out_dir, job["dataset"], job["algo"] + (f"-{job['tag']}" if job.get("tag") else ""), job["seed"])
+    return _row_path(out_dir, job["dataset"], _run_label(job["algo"], job.get("tag", "")), job["seed"])
 
 
 def _finished_rows(jobs: list[dict], out_dir: str) -> tuple[list[dict], list[dict]]:
