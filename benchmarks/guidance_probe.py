@@ -10,8 +10,8 @@ A guided policy that leaves the data for saturated actions which the in-sample c
 signature of the critic being exploited.
 
     python benchmarks/guidance_probe.py --dataset d4rlstyle/hopper/medium-v0 \\
-        --models benchmarks/results/head_to_head/models/d4rlstyle__hopper__medium-v0/ipd_seed0.d3 \\
-                 benchmarks/results/head_to_head/models/d4rlstyle__hopper__medium-v0/ipd-no-guidance_seed0.d3
+        --models benchmarks/results/head_to_head/models/d4rlstyle__hopper__medium-v0/ipd-alpha7.5_seed0.d3 \\
+                 benchmarks/results/head_to_head/models/d4rlstyle__hopper__medium-v0/ipd_seed0.d3
 """
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 
 Also runs two IPD ablations on the same seeds (no value guidance; no augmentation) to show where the
 difference comes from. Value function and world model are fitted once per seed and shared by the variants.
+The committed results predate the CPU profile's switch to alpha = 0; since then "ipd" and "ipd-no-guidance" are the
+same configuration under ``--profile cpu``.
 
     python benchmarks/ipd_vs_dt.py --minari-path ../shared/datasets            # CPU profile, 3 seeds
     python benchmarks/ipd_vs_dt.py --profile tiny --seeds 0                     # a quick look
