@@ -10,8 +10,9 @@ Finished runs (one JSON file each under <out>/runs/) are skipped, so the command
 Parts:
   main       six datasets x six algorithms
   ablations  on the medium-replay sets: no augmentation; greedy augmentation (IQL policy rollouts instead of MPC);
-             value guidance on (alpha = 7.5 and DESIGN's alpha = 1; the CPU profile trains with alpha = 0); g = V(s) instead of the return-token
-             model (DESIGN §2.6); fixed target return instead of a state-dependent token (evaluated on every IPD run)
+             value guidance on (alpha = 7.5, and DESIGN's alpha = 1; the CPU profile trains with alpha = 0);
+             g = V(s) instead of the return-token model (DESIGN §2.6); fixed target return instead of a
+             state-dependent token (evaluated on every IPD run)
   scaling    imagined data volume x {0, 0.25, 0.5, 1, 2} of the default (number of branch points)
 Writes <out>/results.csv, results.json, summary.md and bars.png, curves.png, scaling.png.
 """

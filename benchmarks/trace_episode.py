@@ -2,7 +2,8 @@
 
 Runs evaluation episodes of a kept model exactly as the benchmark does (same env seeds) and records, at every step,
 the return token g_t the policy conditioned on, the torso pitch, the forward velocity and the reward. It reports the
-step at which the body stopped moving for good (forward speed under 0.1 for the rest of the episode), if it did.
+step at which the body stopped moving for good (forward speed under 0.1 from there to the end, at least the last 50
+steps), if it did.
 With ``--constant-tokens`` it also evaluates the same transformer with a fixed, state-independent token, to show
 whether the failure is in the token or in the policy.
 
