@@ -40,6 +40,10 @@ ABLATIONS = {  # tag -> IPDConfig overrides
     "alpha7.5": {"transformer": {"value_guidance": 7.5}},  # the CPU profile's weight before that choice
     "alpha1": {"transformer": {"value_guidance": 1.0}},  # DESIGN's default weight
     "value-token": {"transformer": {"return_token": "value"}},  # DESIGN §2.6's g = V(s) instead of the token model
+    # halfcheetah full-replay diagnosis: plain discounted returns as tokens (no max with V, which gives bad episodes'
+    # actions the good episodes' tokens), asked for at the 0.99 expectile; with and without imagined data
+    "mc-token": {"transformer": {"rtg_relabel": "mc", "token_expectile": 0.99}},
+    "mc-token-no-augment": {"augment": {"enabled": False}, "transformer": {"rtg_relabel": "mc", "token_expectile": 0.99}},
 }
 SCALES = [0.25, 0.5, 2.0]  # 0 is the no-augment ablation and 1 the default run, both shared with the other parts
 

@@ -89,7 +89,7 @@ class IPDConfig(TransformerConfig):
         if self.batch_size != default_bs and self.transformer.batch_size == default_bs:
             self.transformer.batch_size = self.batch_size
         self.batch_size = self.transformer.batch_size
-        for field, allowed in (("return_token", ("upper", "value")), ("rtg_relabel", ("max", "one_step"))):
+        for field, allowed in (("return_token", ("upper", "value")), ("rtg_relabel", ("max", "mc", "one_step"))):
             if getattr(self.transformer, field) not in allowed:  # caught here, not after hours of fitting
                 raise ValueError(f"transformer.{field} must be one of {allowed}, got "
                                  f"{getattr(self.transformer, field)!r}")

@@ -37,13 +37,14 @@ def value_returns_to_go(traj: Trajectories, v_next: np.ndarray, gamma: float, mo
     ``mode="max"`` (QDT-style, DESIGN §2.5): g_t = r_t + γ·max(g_{t+1}, V(s_{t+1})); last row r + γ·V(s_end)·(1 − terminal).
     ``mode="one_step"``: g_t = r_t + γ·V(s_{t+1})·(1 − terminal_t), a one-step Q estimate whose scale matches V
     by construction, so conditioning on V(s_t) stays in-distribution even when V is under-trained.
+    ``mode="mc"``: the plain discounted return g_t = r_t + γ·g_{t+1}, bootstrapped with V only on the last row.
 
     Vectorised over episodes: rows are processed in groups by their distance to the episode end.
     """
     if mode == "one_step":
         return (traj.rewards + gamma * np.where(traj.terminals, 0.0, v_next)).astype(np.float32)
-    if mode != "max":
-        raise ValueError(f"unknown return-token relabel {mode!r}: use 'max' or 'one_step'")
+    if mode not in ("max", "mc"):
+        raise ValueError(f"unknown return-token relabel {mode!r}: use 'max', 'mc' or 'one_step'")
     n = traj.n_transitions
     g = np.zeros(n, dtype=np.float64)
     r = traj.rewards.astype(np.float64)
@@ -56,7 +57,8 @@ def value_returns_to_go(traj: Trajectories, v_next: np.ndarray, gamma: float, mo
     g[last] = r[last] + gamma * np.where(traj.terminals[last], 0.0, v[last])
     for d in range(1, int(dist.max()) + 1):
         rows = order[bounds[d]:bounds[d + 1]]
-        g[rows] = r[rows] + gamma * np.maximum(g[rows + 1], v[rows])
+        nxt = g[rows + 1] if mode == "mc" else np.maximum(g[rows + 1], v[rows])
+        g[rows] = r[rows] + gamma * nxt
     return g.astype(np.float32)
 
 

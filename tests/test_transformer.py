@@ -99,7 +99,23 @@ def test_one_step_relabel_and_unknown_modes():
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(value_returns_to_go(traj, v_next, 0.9), value_returns_to_go(traj, v_next, 0.9, "max"))
     with pytest.raises(ValueError, match="unknown return-token relabel"):
-        value_returns_to_go(traj, v_next, 0.9, "mc")
+        value_returns_to_go(traj, v_next, 0.9, "monte-carlo")
+
+
+def test_mc_relabel_is_the_plain_discounted_return_bootstrapped_only_at_the_end():
+    rng = np.random.default_rng(2)
+    traj = _random_traj(rng, [(4, True), (7, False), (1, False), (5, True)])
+    v_next = rng.normal(size=traj.n_transitions).astype(np.float32) * 3
+    got = value_returns_to_go(traj, v_next, 0.9, "mc")
+    expected = np.zeros(traj.n_transitions)
+    for e in range(traj.n_episodes):
+        s, end = traj.episode_starts[e], traj.episode_starts[e + 1]
+        acc = v_next[end - 1] * (1.0 - float(traj.terminals[end - 1]))  # V bootstraps a cut-off episode only
+        for t in range(end - 1, s - 1, -1):
+            acc = traj.rewards[t] + 0.9 * acc
+            expected[t] = acc
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got, value_returns_to_go(traj, v_next, 0.9, "max"))  # V never lifts an mc token
 
 
 def test_target_mode_inverts_the_training_relabel_exactly(fitted):
