@@ -44,6 +44,8 @@ ABLATIONS = {  # tag -> IPDConfig overrides
     # actions the good episodes' tokens), asked for at the 0.99 expectile; with and without imagined data
     "mc-token": {"transformer": {"rtg_relabel": "mc", "token_expectile": 0.99}},
     "mc-token-no-augment": {"augment": {"enabled": False}, "transformer": {"rtg_relabel": "mc", "token_expectile": 0.99}},
+    # ... and with imagined windows at a tenth of each batch instead of half
+    "mc-token-r0.1": {"transformer": {"rtg_relabel": "mc", "token_expectile": 0.99, "imagined_ratio": 0.1}},
 }
 SCALES = [0.25, 0.5, 2.0]  # 0 is the no-augment ablation and 1 the default run, both shared with the other parts
 
