@@ -12,7 +12,7 @@ Parts:
   ablations  on the medium-replay sets: no augmentation; greedy augmentation (IQL policy rollouts instead of MPC);
              value guidance on (alpha = 7.5, and DESIGN's alpha = 1; the CPU profile trains with alpha = 0);
              g = V(s) instead of the return-token model (DESIGN §2.6); fixed target return instead of a
-             state-dependent token (evaluated on every IPD run)
+             state-dependent token (evaluated on every IPD run); plain discounted-return tokens (mc-token*)
   scaling    imagined data volume x {0, 0.25, 0.5, 1, 2} of the default (number of branch points)
 Writes <out>/results.csv, results.json, summary.md and bars.png, curves.png, scaling.png.
 """
@@ -32,6 +32,9 @@ DATASETS = [f"d4rlstyle/{env}/{kind}-v0" for kind in ("medium-replay", "full-rep
             for env in ("hopper", "halfcheetah")]
 MEDIUM_REPLAY = [d for d in DATASETS if "medium-replay" in d]
 ALGOS = ["ipd", "dt", "iql", "cql", "td3bc", "bc"]
+# plain discounted returns as tokens (no max with V, which gives bad episodes' actions the good episodes' tokens),
+# asked for at the 0.99 expectile
+MC_TOKEN = {"rtg_relabel": "mc", "token_expectile": 0.99}
 ABLATIONS = {  # tag -> IPDConfig overrides
     "no-augment": {"augment": {"enabled": False}},
     "greedy": {"planner": {"greedy": True}},
@@ -40,12 +43,11 @@ ABLATIONS = {  # tag -> IPDConfig overrides
     "alpha7.5": {"transformer": {"value_guidance": 7.5}},  # the CPU profile's weight before that choice
     "alpha1": {"transformer": {"value_guidance": 1.0}},  # DESIGN's default weight
     "value-token": {"transformer": {"return_token": "value"}},  # DESIGN §2.6's g = V(s) instead of the token model
-    # halfcheetah full-replay diagnosis: plain discounted returns as tokens (no max with V, which gives bad episodes'
-    # actions the good episodes' tokens), asked for at the 0.99 expectile; with and without imagined data
-    "mc-token": {"transformer": {"rtg_relabel": "mc", "token_expectile": 0.99}},
-    "mc-token-no-augment": {"augment": {"enabled": False}, "transformer": {"rtg_relabel": "mc", "token_expectile": 0.99}},
-    # ... and with imagined windows at a tenth of each batch instead of half
-    "mc-token-r0.1": {"transformer": {"rtg_relabel": "mc", "token_expectile": 0.99, "imagined_ratio": 0.1}},
+    # halfcheetah full-replay diagnosis: MC_TOKEN's plain discounted returns, with and without imagined data, and with
+    # imagined windows at a tenth of each batch instead of half
+    "mc-token": {"transformer": MC_TOKEN},
+    "mc-token-no-augment": {"augment": {"enabled": False}, "transformer": MC_TOKEN},
+    "mc-token-r0.1": {"transformer": {**MC_TOKEN, "imagined_ratio": 0.1}},
 }
 SCALES = [0.25, 0.5, 2.0]  # 0 is the no-augment ablation and 1 the default run, both shared with the other parts
 

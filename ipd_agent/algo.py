@@ -36,8 +36,8 @@ from .config import AugmentConfig, PlannerConfig, TransformerNetConfig, ValueCon
 from .data import DatasetError, Trajectories, to_trajectories
 from .planner import MPCPlanner
 from .policy import IPDPolicy, StatefulIPDWrapper
-from .transformer import (CausalTransformer, ReturnTokenModel, WindowSampler, fit_return_token_model, lr_lambda,
-                          taught_rows, value_guided_loss, value_returns_to_go)
+from .transformer import (RTG_RELABELS, CausalTransformer, ReturnTokenModel, WindowSampler, fit_return_token_model,
+                          lr_lambda, taught_rows, value_guided_loss, value_returns_to_go)
 from .value import ValueFunctions, fit_value_functions, make_iql
 from .world_model import WorldModel, fit_world_model
 
@@ -89,7 +89,7 @@ class IPDConfig(TransformerConfig):
         if self.batch_size != default_bs and self.transformer.batch_size == default_bs:
             self.transformer.batch_size = self.batch_size
         self.batch_size = self.transformer.batch_size
-        for field, allowed in (("return_token", ("upper", "value")), ("rtg_relabel", ("max", "mc", "one_step"))):
+        for field, allowed in (("return_token", ("upper", "value")), ("rtg_relabel", RTG_RELABELS)):
             if getattr(self.transformer, field) not in allowed:  # caught here, not after hours of fitting
                 raise ValueError(f"transformer.{field} must be one of {allowed}, got "
                                  f"{getattr(self.transformer, field)!r}")

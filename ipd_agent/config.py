@@ -92,7 +92,8 @@ class TransformerNetConfig(SerializableConfig):
     warmup_steps: int = 1000  # linear learning-rate warm-up
     grad_clip: float = 0.25  # gradient norm clip (DT recipe)
     value_guidance: float = 1.0  # alpha: weight of the -Q(s, pi)/mean|Q| term; 0 disables it
-    rtg_relabel: str = "max"  # return tokens: "max" = QDT relabel r + γ·max(g', V(s')); "mc" = plain r + γ·g'; "one_step" = r + γ·V(s')
+    # return tokens: "max" = QDT relabel r + γ·max(g', V(s')); "mc" = plain r + γ·g'; "one_step" = r + γ·V(s')
+    rtg_relabel: str = "max"
     return_token: str = "upper"  # inference token: "upper" = token model below; "value" = V(s) (DESIGN §2.6, ablation)
     token_expectile: float = 0.9  # "upper": expectile of the training tokens given s that the token model fits
     token_steps: int = 3000  # "upper": gradient steps of the token model (a 2x256 MLP, seconds on CPU)

@@ -31,6 +31,9 @@ __all__ = ["value_returns_to_go", "taught_rows", "WindowSampler", "CausalTransfo
            "fit_return_token_model"]
 
 
+RTG_RELABELS = ("max", "mc", "one_step")  # the return-token relabels value_returns_to_go knows (config checks these)
+
+
 def value_returns_to_go(traj: Trajectories, v_next: np.ndarray, gamma: float, mode: str = "max") -> np.ndarray:
     """Return tokens on the value function's scale.
 
@@ -43,8 +46,8 @@ def value_returns_to_go(traj: Trajectories, v_next: np.ndarray, gamma: float, mo
     """
     if mode == "one_step":
         return (traj.rewards + gamma * np.where(traj.terminals, 0.0, v_next)).astype(np.float32)
-    if mode not in ("max", "mc"):
-        raise ValueError(f"unknown return-token relabel {mode!r}: use 'max', 'mc' or 'one_step'")
+    if mode not in RTG_RELABELS:
+        raise ValueError(f"unknown return-token relabel {mode!r}: use one of {RTG_RELABELS}")
     n = traj.n_transitions
     g = np.zeros(n, dtype=np.float64)
     r = traj.rewards.astype(np.float64)
