@@ -13,7 +13,8 @@ Parts:
              value guidance on (alpha = 7.5, and DESIGN's alpha = 1; the CPU profile trains with alpha = 0);
              g = V(s) instead of the return-token model (DESIGN §2.6); fixed target return instead of a
              state-dependent token (evaluated on every IPD run); imagined windows at half of each batch
-             (imagined-0.5); the previous CPU profile's QDT max-relabel tokens (qdt-token)
+             (imagined-0.5); the token model's expectile at 0.97 (expectile-0.97); the previous CPU profile's QDT
+             max-relabel tokens (qdt-token)
   scaling    imagined data volume x {0, 0.25, 0.5, 1, 2} of the default (number of branch points)
 Writes <out>/results.csv, results.json, summary.md and bars.png, curves.png, scaling.png.
 """
@@ -43,6 +44,9 @@ ABLATIONS = {  # tag -> IPDConfig overrides
     "alpha1": {"transformer": {"value_guidance": 1.0}},  # DESIGN's default weight
     "value-token": {"transformer": {"return_token": "value"}},  # DESIGN §2.6's g = V(s) instead of the token model
     "imagined-0.5": {"transformer": {"imagined_ratio": 0.5}},  # imagined windows at half of each batch
+    # a lower return-token expectile: only the token model differs (it sets g_t at inference; the transformer trains
+    # on the data's own returns either way)
+    "expectile-0.97": {"transformer": {"token_expectile": 0.97}},
     # the previous CPU profile: QDT tokens r + γ·max(g', V(s')), which give bad episodes' actions the good episodes'
     # tokens, asked for at the 0.9 expectile, imagined windows at half of each batch
     "qdt-token": {"transformer": {"rtg_relabel": "max", "token_expectile": 0.9, "imagined_ratio": 0.5}},
