@@ -403,7 +403,10 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
                 net.obs_mean.copy_(torch.from_numpy(traj.observations[real].mean(0)))
                 net.obs_std.copy_(torch.from_numpy(traj.observations[real].std(0) + 1e-6))
                 net.rtg_scale.fill_(float(np.abs(rtg[real]).mean() + 1e-6))
-        if tcfg.return_token == "upper" and not bool(impl.token.fitted):
+        # A fresh policy gets a fresh token model: it must learn this fit's tokens (relabel, expectile, training
+        # rows). A token model left over from an earlier call, e.g. a ``fit(n_steps=0)`` under other settings, would
+        # otherwise set g_t at inference. A continued fit keeps the one its policy was trained with.
+        if tcfg.return_token == "upper" and (not bool(impl.token.fitted) or not impl.stages.is_done("transformer")):
             self.fit_return_token(aug, rtg=rtg)
         sampler = WindowSampler(traj, rtg, cfg.context_size, tcfg.imagined_ratio, aug.n_real_episodes,
                                 seed=cfg.seed + int(impl.stages.transformer_steps))

@@ -133,3 +133,34 @@ def test_unknown_token_settings_are_rejected_when_the_config_is_made(field):
 
     with pytest.raises(ValueError, match=f"transformer.{field} must be one of"):
         IPDConfig(transformer={field: "typo"})
+
+
+def test_a_fresh_policy_gets_its_own_token_model_not_one_left_by_an_earlier_fit(hopper_traj):
+    """The benchmark's prefit flow: ``fit(n_steps=0)`` under one setting (it fits a token model on the way), then
+    other token settings and a real fit. The policy must be deployed with the new settings' token model (regression:
+    the prefit's was kept, so token_expectile and rtg_relabel of benchmark variants had no effect at inference)."""
+    import d3rlpy
+
+    from conftest import tiny_config
+
+    d3rlpy.seed(0)
+    net = {"n_steps": 4, "hidden_size": 32, "n_layers": 1, "token_steps": 200}
+    algo = tiny_config(augment={"enabled": False},
+                       transformer={**net, "rtg_relabel": "max", "token_expectile": 0.5}).create(device="cpu:0")
+    algo.fit(hopper_traj, n_steps=0, **FIT_KW)
+    assert bool(algo.impl.token.fitted) and not algo.impl.stages.is_done("transformer")
+    o = torch.from_numpy(hopper_traj.observations[:256])
+    with torch.no_grad():
+        prefit = algo.return_token(o).clone()
+    algo.config.augment.enabled = True
+    algo.config.transformer.rtg_relabel = "mc"
+    algo.config.transformer.token_expectile = 0.99
+    algo.fit(hopper_traj, n_steps=4, **FIT_KW)
+    with torch.no_grad():
+        used = algo.return_token(o).clone()
+    algo.fit_return_token(expectile=0.99)  # what the new settings give, fitted directly
+    with torch.no_grad():
+        direct = algo.return_token(o)
+    assert not torch.allclose(used, prefit)
+    assert torch.allclose(used, direct)
+    assert float(used.mean()) > float(prefit.mean())  # the 0.99 expectile sits above the 0.5 one
