@@ -43,10 +43,7 @@ def main() -> None:
     from ipd_agent import load_ipd, load_minari
 
     traj, _ = load_minari(a.dataset)
-    n = len(traj.actions)
-    starts = np.zeros(n, dtype=int)
-    starts[traj.episode_starts[traj.episode_starts < n]] = 1
-    out = {"dataset": a.dataset, "data": action_stats(traj.actions, np.cumsum(starts)), "models": {}}
+    out = {"dataset": a.dataset, "data": action_stats(traj.actions, traj.episode_ids), "models": {}}
     print("data", out["data"], flush=True)
     for path in a.models:
         algo = load_ipd(path)
