@@ -14,7 +14,8 @@ Parts:
              g = V(s) instead of the return-token model (DESIGN §2.6); fixed target return instead of a
              state-dependent token (evaluated on every IPD run); imagined windows at half of each batch
              (imagined-0.5); the token model's expectile at 0.97 (expectile-0.97); the previous CPU profile's QDT
-             max-relabel tokens (qdt-token)
+             max-relabel tokens (qdt-token); the
+             transformer's weight average deployed instead of its last iterate (ema)
   scaling    imagined data volume x {0, 0.25, 0.5, 1, 2} of the default (number of branch points)
 Writes <out>/results.csv, results.json, summary.md and bars.png, curves.png, scaling.png.
 """
@@ -50,6 +51,9 @@ ABLATIONS = {  # tag -> IPDConfig overrides
     # the previous CPU profile: QDT tokens r + γ·max(g', V(s')), which give bad episodes' actions the good episodes'
     # tokens, asked for at the 0.9 expectile, imagined windows at half of each batch
     "qdt-token": {"transformer": {"rtg_relabel": "max", "token_expectile": 0.9, "imagined_ratio": 0.5}},
+    # deploy an exponential moving average of the transformer's weights (horizon ~1,000 of the 5,000 steps) instead
+    # of the last iterate; training itself is unchanged, so each run pairs with `ipd` of the same seed
+    "ema": {"transformer": {"ema_decay": 0.999}},
 }
 SCALES = [0.25, 0.5, 2.0]  # 0 is the no-augment ablation and 1 the default run, both shared with the other parts
 

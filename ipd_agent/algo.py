@@ -11,6 +11,7 @@ try several augmentation settings.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -37,7 +38,7 @@ from .data import DatasetError, Trajectories, to_trajectories
 from .planner import MPCPlanner
 from .policy import IPDPolicy, StatefulIPDWrapper
 from .transformer import (RTG_RELABELS, CausalTransformer, ReturnTokenModel, WindowSampler, fit_return_token_model,
-                          lr_lambda, taught_rows, value_guided_loss, value_returns_to_go)
+                          WeightAverage, lr_lambda, taught_rows, value_guided_loss, value_returns_to_go)
 from .value import ValueFunctions, fit_value_functions, make_iql
 from .world_model import WorldModel, fit_world_model
 
@@ -93,6 +94,9 @@ class IPDConfig(TransformerConfig):
             if getattr(self.transformer, field) not in allowed:  # caught here, not after hours of fitting
                 raise ValueError(f"transformer.{field} must be one of {allowed}, got "
                                  f"{getattr(self.transformer, field)!r}")
+        if not 0.0 <= self.transformer.ema_decay < 1.0:
+            raise ValueError(f"transformer.ema_decay must be in [0, 1) (0 deploys the last iterate), got "
+                             f"{self.transformer.ema_decay}")
         if isinstance(self.value.hidden_units, list):
             self.value.hidden_units = tuple(self.value.hidden_units)
 
@@ -387,6 +391,7 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         impl.stages.mark("transformer", False)
         impl.stages.transformer_steps.zero_()
         self._optim = None
+        self._weight_average = None
 
     def _fit_transformer(self, aug: AugmentationResult, n_steps: int, n_steps_per_epoch: int, logger,
                          show_progress: bool, eval_env, eval_episodes: int, save_interval: int, callback,
@@ -413,6 +418,18 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         if getattr(self, "_optim", None) is None:
             self._optim = torch.optim.AdamW(net.parameters(), lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
             self._sched = torch.optim.lr_scheduler.LambdaLR(self._optim, lr_lambda(tcfg.warmup_steps))
+        # weight average: a continued fit in this process trains on from the raw weights; a loaded model (which
+        # holds the average) trains on from the average
+        ema = getattr(self, "_weight_average", None)
+        if tcfg.ema_decay > 0:
+            if ema is None or ema.params[0] is not next(net.parameters()):
+                ema = WeightAverage(net, tcfg.ema_decay)
+            elif ema.swapped:
+                ema.swap()
+            ema.decay = tcfg.ema_decay
+        else:
+            ema = None
+        self._weight_average = ema
         use_bf16 = tcfg.bf16 and native_cpu_bf16()  # emulated bf16 would be slower than fp32
         torch.manual_seed(cfg.seed + 2 + int(impl.stages.transformer_steps))
         step = 0  # steps done in this fit call
@@ -420,6 +437,12 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         if resume and state_path and os.path.exists(state_path):
             st = torch.load(state_path, weights_only=False)
             if st["n_steps"] == n_steps and st["augment_key"] == int(impl.stages.augment_key):
+                if ema is not None and "raw_weights" in st:  # the saved model holds the average
+                    with torch.no_grad():
+                        ema.average = [p.detach().clone() for p in ema.params]
+                        for p, w in zip(ema.params, st["raw_weights"]):
+                            p.copy_(w)
+                    ema.n_updates = st["ema_updates"]
                 self._optim.load_state_dict(st["optim"])
                 self._sched.load_state_dict(st["sched"])
                 sampler.gen.set_state(st["sampler_rng"])
@@ -442,6 +465,8 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
             torch.nn.utils.clip_grad_norm_(net.parameters(), tcfg.grad_clip)
             self._optim.step()
             self._sched.step()
+            if ema is not None:
+                ema.update()
             step += 1
             self._grad_step += 1
             impl.stages.transformer_steps += 1
@@ -457,24 +482,49 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
             if step % n_steps_per_epoch == 0 or step == n_steps:  # end of an epoch
                 impl.stages.mark("transformer")
                 if eval_env is not None:
-                    net.eval()
-                    score = evaluate_transformer_with_environment(self.as_stateful_wrapper(), eval_env, eval_episodes)
+                    with self.deployed_weights():
+                        score = evaluate_transformer_with_environment(self.as_stateful_wrapper(), eval_env,
+                                                                      eval_episodes)
                     logger.add_metric("environment", score)
                     last["environment"] = score
-                    net.train()
                 logger.commit(epoch, self._grad_step)
                 if epoch % save_interval == 0:
-                    logger.save_model(self._grad_step, self)
+                    with self.deployed_weights():
+                        logger.save_model(self._grad_step, self)
             if state_path and (step % checkpoint_every == 0 or step == n_steps):
-                net.eval()
-                self._save_checkpoint(checkpoint_dir)
-                net.train()
-                _atomic_torch_save({"step": step, "n_steps": n_steps, "grad_step": self._grad_step,
-                                    "augment_key": int(impl.stages.augment_key), "optim": self._optim.state_dict(),
-                                    "sched": self._sched.state_dict(), "sampler_rng": sampler.gen.get_state(),
-                                    "torch_rng": torch.get_rng_state()}, state_path)
+                state = {"step": step, "n_steps": n_steps, "grad_step": self._grad_step,
+                         "augment_key": int(impl.stages.augment_key), "optim": self._optim.state_dict(),
+                         "sched": self._sched.state_dict(), "sampler_rng": sampler.gen.get_state(),
+                         "torch_rng": torch.get_rng_state()}
+                if ema is not None:  # the checkpointed model holds the average; resuming needs the raw weights
+                    state["raw_weights"] = [p.detach().clone() for p in ema.params]
+                    state["ema_updates"] = ema.n_updates
+                with self.deployed_weights():
+                    self._save_checkpoint(checkpoint_dir)
+                _atomic_torch_save(state, state_path)
         net.eval()
+        if ema is not None:
+            ema.swap()  # from here on the model holds the averaged weights (predict, save, export)
         return last
+
+    @contextlib.contextmanager
+    def deployed_weights(self):
+        """Inside this block, while the transformer is training, the network holds the weights that ``fit`` will
+        deploy (the weight average when ``transformer.ema_decay > 0``) in eval mode; on exit training goes on from
+        the raw weights. For evaluations from a ``fit`` callback; outside training it only switches to eval mode."""
+        net = self._impl.transformer
+        ema = getattr(self, "_weight_average", None)
+        was_training = net.training
+        swap = ema is not None and not ema.swapped
+        if swap:
+            ema.swap()
+        net.eval()
+        try:
+            yield self
+        finally:
+            if swap:
+                ema.swap()
+            net.train(was_training)
 
     # ----- checkpoints ---------------------------------------------------------------------
     def _save_checkpoint(self, checkpoint_dir: Optional[str], augmentation: bool = False) -> None:

@@ -7,6 +7,7 @@ so a sweep can be stopped and resumed. Runs go to a process pool, one torch thre
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -189,12 +190,10 @@ def run_one(algo_name: str, dataset_id: str, seed: int, profile: Profile, out_di
         if step not in marks:
             return
         te = time.perf_counter()
-        net = model.impl.transformer if algo_name == "ipd" else None
-        if net is not None:
-            net.eval()  # no dropout while evaluating; d3rlpy's algorithms switch modes themselves
-        r = evaluate(model, eval_env, profile.curve_episodes, seed, target)
-        if net is not None:
-            net.train()
+        # IPD: the weights fit would deploy now (the weight average if configured), without dropout; d3rlpy's
+        # algorithms switch modes themselves
+        with model.deployed_weights() if algo_name == "ipd" else contextlib.nullcontext():
+            r = evaluate(model, eval_env, profile.curve_episodes, seed, target)
         curve.append({"step": step, "normalized_score": float(np.mean([normalized_score(x, ref) for x in r]))})
         eval_time[0] += time.perf_counter() - te
 

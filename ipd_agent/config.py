@@ -91,6 +91,8 @@ class TransformerNetConfig(SerializableConfig):
     weight_decay: float = 1e-4  # AdamW weight decay
     warmup_steps: int = 1000  # linear learning-rate warm-up
     grad_clip: float = 0.25  # gradient norm clip (DT recipe)
+    # exponential moving average of the weights, used for evaluation and deployment; 0 deploys the last iterate
+    ema_decay: float = 0.0
     value_guidance: float = 1.0  # alpha: weight of the -Q(s, pi)/mean|Q| term; 0 disables it
     # return tokens: "max" = QDT relabel r + γ·max(g', V(s')); "mc" = plain r + γ·g'; "one_step" = r + γ·V(s')
     rtg_relabel: str = "max"

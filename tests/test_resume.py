@@ -33,10 +33,10 @@ def _save_traj(traj, path):
              next_observations=traj.next_observations, terminals=traj.terminals, episode_starts=traj.episode_starts)
 
 
-def _kill_when(tmp_path, traj, ready, what):
+def _kill_when(tmp_path, traj, ready, what, config=CONFIG):
     data, ckpt = str(tmp_path / "data.npz"), str(tmp_path / "ckpt")
     _save_traj(traj, data)
-    code = CHILD.format(tests=os.path.dirname(__file__), data=data, config=CONFIG, ckpt=ckpt)
+    code = CHILD.format(tests=os.path.dirname(__file__), data=data, config=config, ckpt=ckpt)
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     t0 = time.time()
     while not ready(ckpt):
@@ -56,10 +56,10 @@ def uninterrupted(hopper_traj):
     return algo
 
 
-def _resume_and_compare(ckpt, traj, reference):
+def _resume_and_compare(ckpt, traj, reference, config=CONFIG):
     from ipd_agent import load_ipd
 
-    algo = tiny_config(**CONFIG).create(device="cpu:0")
+    algo = tiny_config(**config).create(device="cpu:0")
     algo.fit(traj, checkpoint_dir=ckpt, resume=True, **FIT_KW)
     obs = traj.observations[::20]
     np.testing.assert_array_equal(algo.predict(obs), reference.predict(obs))
@@ -81,16 +81,30 @@ def test_kill_during_world_model_stage_then_resume(tmp_path, hopper_traj, uninte
     _resume_and_compare(ckpt, hopper_traj, uninterrupted)
 
 
+def _transformer_started(ckpt):
+    return os.path.exists(os.path.join(ckpt, "train_state.pt"))
+
+
 def test_kill_during_transformer_stage_then_resume(tmp_path, hopper_traj, uninterrupted):
     import torch
 
-    def transformer_started(ckpt):
-        return os.path.exists(os.path.join(ckpt, "train_state.pt"))
-
-    ckpt = _kill_when(tmp_path, hopper_traj, transformer_started, "transformer")
+    ckpt = _kill_when(tmp_path, hopper_traj, _transformer_started, "transformer")
     st = torch.load(os.path.join(ckpt, "train_state.pt"), weights_only=False)
     assert 0 < st["step"] < CONFIG["transformer"]["n_steps"]
     _resume_and_compare(ckpt, hopper_traj, uninterrupted)
+
+
+def test_resume_with_a_weight_average_ends_where_an_uninterrupted_fit_ends(tmp_path, hopper_traj):
+    """The checkpoint holds the averaged weights (deployable); the raw ones travel in train_state.pt."""
+    import torch
+
+    config = {**CONFIG, "transformer": {**CONFIG["transformer"], "ema_decay": 0.95}}
+    reference = tiny_config(**config).create(device="cpu:0")
+    reference.fit(hopper_traj, **FIT_KW)
+    ckpt = _kill_when(tmp_path, hopper_traj, _transformer_started, "transformer", config)
+    st = torch.load(os.path.join(ckpt, "train_state.pt"), weights_only=False)
+    assert 0 < st["step"] < CONFIG["transformer"]["n_steps"] and st["ema_updates"] == st["step"]
+    _resume_and_compare(ckpt, hopper_traj, reference, config)
 
 
 def test_resume_needs_a_checkpoint_dir(hopper_traj):

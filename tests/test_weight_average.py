@@ -1,0 +1,71 @@
+"""The transformer's weight average (``transformer.ema_decay``): its arithmetic, and that fit deploys it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import FIT_KW, tiny_config
+
+
+def _params(net):
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def test_update_and_swap_arithmetic():
+    from ipd_agent.transformer import WeightAverage
+
+    net = nn.Linear(3, 2)
+    w0 = _params(net)
+    avg = WeightAverage(net, decay=0.5)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    avg.update()  # first update: decay = min(0.5, 2/11), so the average moves 9/11 of the way
+    for a, w in zip(avg.average, w0):
+        torch.testing.assert_close(a, w + 9 / 11)
+    raw = _params(net)
+    avg.swap()
+    assert avg.swapped
+    for p, w in zip(net.parameters(), w0):
+        torch.testing.assert_close(p.detach(), w + 9 / 11)
+    with pytest.raises(RuntimeError, match="swapped in"):
+        avg.update()
+    avg.swap()
+    for p, r in zip(net.parameters(), raw):
+        assert torch.equal(p.detach(), r)  # swapping twice restores the raw weights exactly
+
+
+def test_ema_decay_out_of_range_is_rejected_at_config_time():
+    with pytest.raises(ValueError, match="ema_decay"):
+        tiny_config(transformer={"ema_decay": 1.0})
+
+
+def test_fit_deploys_the_average_and_training_goes_on_from_the_raw_weights(loaded_copy, hopper_traj, tmp_path):
+    from ipd_agent import load_ipd
+
+    algo = loaded_copy
+    algo.config.transformer.ema_decay = 0.9
+    obs = hopper_traj.observations[::25]
+    seen = {}
+
+    def on_step(model, epoch, step):
+        if step == 20:  # the last step: what fit is about to deploy
+            seen["raw"] = _params(model.impl.transformer)
+            with model.deployed_weights():
+                seen["avg"] = _params(model.impl.transformer)
+                seen["pred"] = model.predict(obs)
+            seen["raw_after"] = _params(model.impl.transformer)
+
+    algo.fit(hopper_traj, n_steps=20, callback=on_step, **FIT_KW)
+    final = _params(algo.impl.transformer)
+    assert all(torch.equal(a, b) for a, b in zip(seen["raw_after"], seen["raw"]))  # the block restored them
+    assert not all(torch.equal(a, b) for a, b in zip(seen["raw"], seen["avg"]))  # the average is not the iterate
+    assert all(torch.equal(a, b) for a, b in zip(final, seen["avg"]))  # and it is what fit leaves in the model
+    np.testing.assert_array_equal(algo.predict(obs), seen["pred"])
+    path = str(tmp_path / "ema.d3")
+    algo.save(path)
+    np.testing.assert_array_equal(load_ipd(path).predict(obs), seen["pred"])  # saved and exported: the average
+    algo.fit(hopper_traj, n_steps=0, **FIT_KW)  # a continued fit swaps the raw weights back in, then out again
+    np.testing.assert_array_equal(algo.predict(obs), seen["pred"])
