@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .augment import AugmentationResult, augment, batched_values
 from .config import AugmentConfig, PlannerConfig, TransformerNetConfig, ValueConfig, WorldModelConfig, native_cpu_bf16
-from .data import DatasetError, Trajectories, to_trajectories
+from .data import DatasetError, Trajectories, check_unit_box, to_trajectories
 from .planner import MPCPlanner
 from .policy import IPDPolicy, StatefulIPDWrapper
 from .transformer import (RTG_RELABELS, CausalTransformer, ReturnTokenModel, WindowSampler, fit_return_token_model,
@@ -45,6 +45,12 @@ from .world_model import WorldModel, fit_world_model
 __all__ = ["IPDConfig", "IPD", "IPDImpl", "load_ipd"]
 
 STAGES = ("value", "world_model", "transformer")
+
+
+def _short_hash(obj) -> int:
+    """A 60-bit hash of a JSON-able object (or string), small enough for an int64 buffer saved with the model."""
+    text = obj if isinstance(obj, str) else json.dumps(obj, sort_keys=True)
+    return int(hashlib.sha1(text.encode()).hexdigest()[:15], 16)
 
 
 @dataclasses.dataclass()
@@ -117,9 +123,12 @@ class StageFlags(nn.Module):
         self.register_buffer("transformer_steps", torch.zeros((), dtype=torch.long))
         # hash of the augmentation (settings + data) the transformer was trained on
         self.register_buffer("augment_key", torch.zeros((), dtype=torch.long))
+        # hash of the data and settings the value function and world model were fitted with (0: not recorded)
+        self.register_buffer("data_key", torch.zeros((), dtype=torch.long))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        state_dict.setdefault(prefix + "augment_key", torch.zeros((), dtype=torch.long))  # older checkpoints
+        for name in ("augment_key", "data_key"):  # older checkpoints
+            state_dict.setdefault(prefix + name, torch.zeros((), dtype=torch.long))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def is_done(self, stage: str) -> bool:
@@ -281,11 +290,20 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
                 raise ValueError("fit(resume=True) needs checkpoint_dir, the folder a previous fit wrote to")
             self._load_checkpoint(checkpoint_dir)
         impl = self._impl
+        cfg = self._config
+        data_key = _short_hash([cfg.value.to_dict(), cfg.world_model.to_dict(), cfg.gamma, traj.fingerprint()])
+        fitted_key = int(impl.stages.data_key)
+        if (impl.stages.is_done("value") or impl.stages.is_done("world_model")) and fitted_key not in (0, data_key):
+            raise DatasetError(
+                "This model's value function and world model were fitted on other data, or with other value / "
+                "world_model settings, than this fit() was given. fit() continues a model on the data it was fitted "
+                "on; to train on new data (or with new value / world-model settings) create a fresh model with "
+                "IPDConfig(...).create()."
+            )
         name = experiment_name or "IPD"
         logger = D3RLPyLogger(algo=self, adapter_factory=logger_adapter, experiment_name=name,
                               n_steps_per_epoch=n_steps_per_epoch, with_timestamp=with_timestamp)
         d3rlpy.base.save_config(self, logger)
-        cfg = self._config
         n_steps = cfg.transformer.n_steps if n_steps is None else n_steps
 
         # stage 1: value function (d3rlpy IQL on the real data)
@@ -297,6 +315,7 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
                                 f"{name}_value_iql")
             impl.value.set_reward_scale(impl.iql.config.reward_scaler)
             impl.stages.mark("value")
+            impl.stages.data_key.fill_(data_key)
             self.stage_times["value"] = time.perf_counter() - t0
             self._save_checkpoint(checkpoint_dir)
         impl.value.freeze()
@@ -310,6 +329,7 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
                 traj.terminals, seed=cfg.seed, show_progress=show_progress, log=None,
             )
             impl.stages.mark("world_model")
+            impl.stages.data_key.fill_(data_key)
             self.stage_times["world_model"] = time.perf_counter() - t0
             self._save_checkpoint(checkpoint_dir)
             self.stage_metrics["world_model"] = wm_metrics
@@ -321,7 +341,7 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         # stages 3-5: branch points, MPC rollouts, splicing (cached per augmentation settings)
         key = json.dumps([cfg.augment.to_dict(), cfg.planner.to_dict(), cfg.seed, cfg.gamma, traj.fingerprint()],
                          sort_keys=True)
-        key_hash = int(hashlib.sha1(key.encode()).hexdigest()[:15], 16)
+        key_hash = _short_hash(key)
         if self.augmentation is None or self._augmentation_key != key:
             t0 = time.perf_counter()
             self.augmentation = self.augment(traj, show_progress=show_progress)
@@ -351,6 +371,13 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         impl = self._impl
         if impl is None or not (impl.stages.is_done("value") and impl.stages.is_done("world_model")):
             raise RuntimeError("augment() needs a fitted value function and world model: call fit() first.")
+        traj.validate()  # the same checks fit makes, before any planning
+        self._check_actions(traj)
+        if tuple(impl.observation_shape) != (traj.observation_dim,) or impl.action_size != traj.action_dim:
+            raise DatasetError(
+                f"This model was built for observations {tuple(impl.observation_shape)} and {impl.action_size} "
+                f"actions; the dataset has ({traj.observation_dim},) and {traj.action_dim}."
+            )
         cfg = self._config
         planner = MPCPlanner(impl.world_model, impl.value, cfg.planner, cfg.gamma)
         return augment(traj, impl.world_model, impl.value, planner, cfg.augment, cfg.gamma, cfg.seed, show_progress)
@@ -434,20 +461,19 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         torch.manual_seed(cfg.seed + 2 + int(impl.stages.transformer_steps))
         step = 0  # steps done in this fit call
         state_path = os.path.join(checkpoint_dir, "train_state.pt") if checkpoint_dir else None
-        if resume and state_path and os.path.exists(state_path):
-            st = torch.load(state_path, weights_only=False)
-            if st["n_steps"] == n_steps and st["augment_key"] == int(impl.stages.augment_key):
-                if ema is not None and "raw_weights" in st:  # the saved model holds the average
-                    with torch.no_grad():
-                        ema.average = [p.detach().clone() for p in ema.params]
-                        for p, w in zip(ema.params, st["raw_weights"]):
-                            p.copy_(w)
-                    ema.n_updates = st["ema_updates"]
-                self._optim.load_state_dict(st["optim"])
-                self._sched.load_state_dict(st["sched"])
-                sampler.gen.set_state(st["sampler_rng"])
-                torch.set_rng_state(st["torch_rng"])
-                step, self._grad_step = st["step"], st["grad_step"]
+        st = self._matching_train_state(checkpoint_dir, n_steps) if resume and state_path else None
+        if st is not None:  # the optimiser, RNG and step of the same step as the model that was loaded
+            if ema is not None and "raw_weights" in st:  # the saved model holds the average
+                with torch.no_grad():
+                    ema.average = [p.detach().clone() for p in ema.params]
+                    for p, w in zip(ema.params, st["raw_weights"]):
+                        p.copy_(w)
+                ema.n_updates = st["ema_updates"]
+            self._optim.load_state_dict(st["optim"])
+            self._sched.load_state_dict(st["sched"])
+            sampler.gen.set_state(st["sampler_rng"])
+            torch.set_rng_state(st["torch_rng"])
+            step, self._grad_step = st["step"], st["grad_step"]
         net.train()
         last: dict = {}
         bar = tqdm(range(step, n_steps), desc="transformer", disable=not show_progress or n_steps == 0,
@@ -493,15 +519,20 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
                         logger.save_model(self._grad_step, self)
             if state_path and (step % checkpoint_every == 0 or step == n_steps):
                 state = {"step": step, "n_steps": n_steps, "grad_step": self._grad_step,
+                         "transformer_steps": int(impl.stages.transformer_steps),
                          "augment_key": int(impl.stages.augment_key), "optim": self._optim.state_dict(),
                          "sched": self._sched.state_dict(), "sampler_rng": sampler.gen.get_state(),
                          "torch_rng": torch.get_rng_state()}
                 if ema is not None:  # the checkpointed model holds the average; resuming needs the raw weights
                     state["raw_weights"] = [p.detach().clone() for p in ema.params]
                     state["ema_updates"] = ema.n_updates
+                # the state first, the model second, the previous state kept: a kill at any point leaves a state
+                # of the same step as the model on disk, which resume picks (_matching_train_state)
+                if os.path.exists(state_path):
+                    os.replace(state_path, state_path + ".prev")
+                _atomic_torch_save(state, state_path)
                 with self.deployed_weights():
                     self._save_checkpoint(checkpoint_dir)
-                _atomic_torch_save(state, state_path)
         net.eval()
         if ema is not None:
             ema.swap()  # from here on the model holds the averaged weights (predict, save, export)
@@ -527,6 +558,19 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
             net.train(was_training)
 
     # ----- checkpoints ---------------------------------------------------------------------
+    def _matching_train_state(self, checkpoint_dir: str, n_steps: int) -> Optional[dict]:
+        """The saved optimiser/RNG state written at the same transformer step as the loaded model, if any."""
+        impl = self._impl
+        for path in (os.path.join(checkpoint_dir, "train_state.pt"), os.path.join(checkpoint_dir, "train_state.pt.prev")):
+            if not os.path.exists(path):
+                continue
+            st = torch.load(path, weights_only=False)
+            if (st["n_steps"] == n_steps and st["augment_key"] == int(impl.stages.augment_key)
+                    and st.get("transformer_steps", int(impl.stages.transformer_steps))
+                    == int(impl.stages.transformer_steps)):
+                return st
+        return None
+
     def _save_checkpoint(self, checkpoint_dir: Optional[str], augmentation: bool = False) -> None:
         """Model (and, after augmentation, the augmented data) written atomically: never a half file."""
         if not checkpoint_dir:
@@ -579,6 +623,7 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
                 f"eval_env spaces (obs {env.observation_space.shape}, act {env.action_space.shape}) do not match "
                 f"the dataset (obs ({traj.observation_dim},), act ({traj.action_dim},)): wrong environment?"
             )
+        check_unit_box(env.action_space, "eval_env")
 
     # ----- inference -----------------------------------------------------------------------
     def predict(self, x: Union[TransformerInput, np.ndarray]) -> np.ndarray:  # type: ignore[override]

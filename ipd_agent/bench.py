@@ -135,8 +135,11 @@ def evaluate(algo: Any, env_id: Any, episodes: int, seed: int, transformer_targe
     from d3rlpy.metrics import evaluate_qlearning_with_environment, evaluate_transformer_with_environment
 
     from .algo import IPD
+    from .data import check_unit_box
 
     env = gym.make(env_id)
+    if isinstance(env.action_space, gym.spaces.Box):
+        check_unit_box(env.action_space, f"evaluation env {getattr(env_id, 'id', env_id)!r}")
     env.reset(seed=10_000 + seed)
     env.action_space.seed(seed)
     rets = []

@@ -7,6 +7,7 @@ Every sub-command has ``--help`` with an example. The same functionality is avai
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -97,6 +98,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
 
 
+def _check_writable(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--out {path!r}: folder {folder!r} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--out {path!r}: folder {folder!r} is not writable")
+
+
 def _fit(args) -> int:
     import d3rlpy
 
@@ -105,12 +114,16 @@ def _fit(args) -> int:
     from .data import load_minari
 
     _minari_path(args.minari_path)
+    _check_writable(args.out)  # before hours of fitting, not after
     overrides = {}
     if args.config:
         overrides = json.load(open(args.config)) if os.path.exists(args.config) else json.loads(args.config)
     if args.profile:
         cfg = make_ipd_config(load_profile(args.profile), args.seed, overrides)
     else:
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(IPDConfig)}
+        if unknown:
+            raise ValueError(f"--config: unknown IPDConfig field(s) {sorted(unknown)}")
         cfg = IPDConfig(seed=args.seed, **overrides)
     traj, meta = load_minari(args.dataset)
     algo = cfg.create(device="cpu:0")
@@ -153,12 +166,12 @@ def _augment(args) -> int:
     algo = load_ipd(args.model)
     if args.n_branches is not None:
         algo.config.augment.n_branches = args.n_branches
-    traj, meta = load_minari(args.dataset)
-    res = algo.augment(traj)
     import minari
 
-    if args.out_id in minari.list_local_datasets():
+    if args.out_id in minari.list_local_datasets():  # before the planning, not after
         raise ValueError(f"dataset {args.out_id!r} already exists; choose another --out-id or delete it")
+    traj, meta = load_minari(args.dataset)
+    res = algo.augment(traj)
     res.trajectories.to_minari(args.out_id, env=meta.get("env_spec"),
                                description="IPD-augmented dataset: infos['imagined'] flags model-generated rows")
     if args.report:

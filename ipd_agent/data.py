@@ -17,11 +17,22 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-__all__ = ["Trajectories", "DatasetError", "to_trajectories", "load_minari", "reference_scores"]
+__all__ = ["Trajectories", "DatasetError", "check_unit_box", "to_trajectories", "load_minari", "reference_scores"]
 
 
 class DatasetError(ValueError):
     """The dataset cannot be used by IPD; the message says why and how to fix it."""
+
+
+def check_unit_box(action_space, what: str = "the environment") -> None:
+    """Policies here act in [-1, 1] (the data's scale): another Box would get wrongly scaled actions, silently."""
+    low, high = np.asarray(action_space.low, np.float64), np.asarray(action_space.high, np.float64)
+    if not (np.allclose(low, -1.0) and np.allclose(high, 1.0)):
+        raise DatasetError(
+            f"{what} has action bounds [{low.min():g}, {high.max():g}], but the policy acts in [-1, 1] like the "
+            "data. Wrap the env: gymnasium.wrappers.RescaleAction(env, -1.0, 1.0) (as `ipd-agent make-dataset` "
+            "does when it records data)."
+        )
 
 
 @dataclasses.dataclass
@@ -116,6 +127,10 @@ class Trajectories:
             a = np.asarray(ep["actions"], dtype=np.float32)
             r = np.asarray(ep["rewards"], dtype=np.float32).reshape(-1)
             t = len(a)
+            if t == 0:
+                raise DatasetError(f"Episode {len(lengths)} has no steps. Drop empty episodes before calling fit.")
+            if len(r) != t:
+                raise DatasetError(f"Episode {len(lengths)} has {len(r)} rewards for {t} actions; they must match.")
             if a.ndim == 1:
                 a = a.reshape(t, -1)
             if len(o) == t + 1:  # Minari layout: final next observation included
@@ -161,6 +176,24 @@ class Trajectories:
         """Raises DatasetError naming the first problem found, before any training starts."""
         if self.n_transitions == 0 or self.n_episodes == 0:
             raise DatasetError("The dataset is empty (0 transitions). Pass a dataset with at least one episode.")
+        n = len(self.observations)
+        for name in ("actions", "rewards", "next_observations", "terminals"):
+            if len(getattr(self, name)) != n:
+                raise DatasetError(f"{name} has {len(getattr(self, name))} rows but observations has {n}; every "
+                                   "per-transition array needs one row per transition.")
+        if self.next_observations.shape[1:] != self.observations.shape[1:]:
+            raise DatasetError(f"next_observations are shaped {self.next_observations.shape[1:]} per row but "
+                               f"observations {self.observations.shape[1:]}; they must match.")
+        st = np.asarray(self.episode_starts)
+        if st.ndim != 1 or len(st) < 2 or st[0] != 0 or st[-1] != n or np.any(np.diff(st) <= 0):
+            raise DatasetError(f"episode_starts must rise strictly from 0 to the number of transitions ({n}), one "
+                               f"entry per episode plus the end; got {st[:5].tolist()}...{st[-2:].tolist()}.")
+        inner = np.flatnonzero(self.terminals.astype(bool) & ~self.episode_ends)
+        if len(inner):
+            ep = int(np.searchsorted(st, inner[0], side="right") - 1)
+            raise DatasetError(f"{len(inner)} terminal flag(s) fall inside episodes (first: transition {inner[0]}, "
+                               f"episode {ep}). A terminal ends its episode: split the episodes there, or fix the "
+                               "flags.")
         for name in ("observations", "actions", "rewards", "next_observations"):
             arr = getattr(self, name)
             bad = ~np.isfinite(arr)

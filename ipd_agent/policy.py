@@ -90,6 +90,8 @@ class StatefulIPDWrapper:
         x = np.asarray(x, dtype=np.float32)
         if x.shape != (self._ctx.obs_dim,):
             raise ValueError(f"observation shape {x.shape} does not match the model's ({self._ctx.obs_dim},)")
+        if not np.all(np.isfinite(x)):
+            raise ValueError("predict got NaN/inf observations.")
         return self._ctx.step(x[None], np.array([reward], np.float32))[0]
 
     def reset(self) -> None:
@@ -108,6 +110,10 @@ class IPDPolicy:
     """
 
     def __init__(self, algo: Any, action_space: Any = None) -> None:
+        if action_space is not None:
+            from .data import check_unit_box
+
+            check_unit_box(action_space, "action_space")
         self.algo = algo
         self.action_space = action_space
         self._ctx: Optional[TransformerContext] = None
@@ -128,6 +134,8 @@ class IPDPolicy:
         if obs.shape[-1:] != (obs_dim,) or obs.ndim > 2:
             raise ValueError(f"observation shape {obs.shape} does not match the model: expected ({obs_dim},) or "
                              f"(n_envs, {obs_dim})")
+        if not np.all(np.isfinite(obs)):
+            raise ValueError("predict got NaN/inf observations.")
         batch = obs.reshape(-1, obs_dim)
         n = len(batch)
         if self._ctx is None or self._ctx.n_envs != n:

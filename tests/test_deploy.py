@@ -62,13 +62,19 @@ def test_single_observation_returns_action_shaped_like_the_space(fitted):
 def test_plain_gymnasium_loop_with_saved_policy(fitted):
     env = gym.make("Hopper-v5", max_episode_steps=50)
     policy = IPDPolicy.load(fitted.path, env.action_space)
+    in_memory = fitted.algo.as_policy(env.action_space)
     obs, _ = env.reset(seed=3)
-    done, steps, start = False, 0, True
+    done, steps, start, actions = False, 0, True, []
     while not done:
         a, _ = policy.predict(obs, episode_start=start)
+        b, _ = in_memory.predict(obs, episode_start=start)
+        np.testing.assert_allclose(a, b, atol=1e-6)  # the file deploys exactly the fitted policy
+        assert env.action_space.contains(a)
         obs, _, te, tr, _ = env.step(a)
         done, start, steps = te or tr, False, steps + 1
-    assert steps >= 1
+        actions.append(a)
+    assert steps == 50 or te  # ran until the time limit or a real termination
+    assert np.ptp(np.stack(actions), axis=0).max() > 0  # the actions respond to the state
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "pt"])
@@ -178,6 +184,11 @@ def test_cli_reports_bad_input_clearly(tmp_path):
     bad.write_bytes(b"not a model")
     out = run_cli("evaluate", str(bad), "--env", "Hopper-v5")
     assert out.returncode == 2 and "Could not load an IPD model" in out.stderr
+    # fit refuses an output folder that does not exist before loading data or fitting anything
+    out = run_cli("fit", "nobody/nothing-v0", "--out", str(tmp_path / "missing" / "m.d3"))
+    assert out.returncode == 2 and "does not exist; create it first" in out.stderr
+    out = run_cli("fit", "nobody/nothing-v0", "--out", str(tmp_path / "m.d3"), "--config", '{"sead": 1}')
+    assert out.returncode == 2 and "unknown IPDConfig field(s) ['sead']" in out.stderr
 
 
 def test_cli_make_dataset_writes_three_d4rl_style_datasets(tmp_path):

@@ -110,3 +110,27 @@ def test_resume_with_a_weight_average_ends_where_an_uninterrupted_fit_ends(tmp_p
 def test_resume_needs_a_checkpoint_dir(hopper_traj):
     with pytest.raises(ValueError, match="checkpoint_dir"):
         tiny_config().create(device="cpu:0").fit(hopper_traj, resume=True, **FIT_KW)
+
+
+def test_a_kill_between_the_state_and_the_model_write_still_resumes_exactly(tmp_path, hopper_traj, uninterrupted):
+    """The transformer checkpoint is two files; a kill after the new train state but before the new model must
+    resume from the previous, matching state (kept as train_state.pt.prev), not from a state ahead of the model."""
+    import shutil
+
+    ckpt = str(tmp_path / "ckpt")
+    model_at_25 = str(tmp_path / "model_at_25.d3")
+
+    class Stop(Exception):
+        pass
+
+    def on_step(model, epoch, step):
+        if step == 26:  # the checkpoint of step 25 is on disk
+            shutil.copy(os.path.join(ckpt, "ipd.d3"), model_at_25)
+        if step == 60:  # after the checkpoint of step 50
+            raise Stop
+
+    algo = tiny_config(**CONFIG).create(device="cpu:0")
+    with pytest.raises(Stop):
+        algo.fit(hopper_traj, checkpoint_dir=ckpt, checkpoint_every=25, callback=on_step, **FIT_KW)
+    shutil.copy(model_at_25, os.path.join(ckpt, "ipd.d3"))  # as if killed before the step-50 model was written
+    _resume_and_compare(ckpt, hopper_traj, uninterrupted)
