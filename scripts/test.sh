@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command: set up, then run the test suite (about 5-10 minutes on 2 CPU cores).
+# One command: set up, then run the test suite (the suite takes about 4-6 minutes on 2 CPU cores; set-up adds the downloads).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
