@@ -15,7 +15,7 @@ Parts:
              state-dependent token (evaluated on every IPD run); imagined windows at half of each batch
              (imagined-0.5); the token model's expectile at 0.97 (expectile-0.97); the previous CPU profile's QDT
              max-relabel tokens (qdt-token); the
-             transformer's weight average deployed instead of its last iterate (ema)
+             transformer's last iterate deployed instead of its weight average (last-iterate)
   scaling    imagined data volume x {0, 0.25, 0.5, 1, 2} of the default (number of branch points)
 Writes <out>/results.csv, results.json, summary.md and bars.png, curves.png, scaling.png.
 """
@@ -36,9 +36,13 @@ DATASETS = [f"d4rlstyle/{env}/{kind}-v0" for kind in ("medium-replay", "full-rep
 MEDIUM_REPLAY = [d for d in DATASETS if "medium-replay" in d]
 ALGOS = ["ipd", "dt", "iql", "cql", "td3bc", "bc"]
 # The CPU profile conditions on plain discounted returns at the 0.99 expectile, with imagined windows at a tenth of
-# each batch, and trains without the Q term (alpha = 0). Both were chosen by rules written down before fresh seeds
-# (README "Results"), so the ablations below are switches away from that profile.
+# each batch, trains without the Q term (alpha = 0) and deploys the weight average of its transformer (ema_decay
+# 0.999). Each was chosen by a rule written down before fresh seeds (README "Results"), so the ablations below are
+# switches away from that profile. Rows of the other ablations were run before the weight average joined the
+# profile, so they deploy the last iterate: compare them with `ipd-last-iterate`.
 ABLATIONS = {  # tag -> IPDConfig overrides
+    # the last iterate deployed instead of the weight average (the profile before; training is the same)
+    "last-iterate": {"transformer": {"ema_decay": 0.0}},
     "no-augment": {"augment": {"enabled": False}},
     "greedy": {"planner": {"greedy": True}},
     "alpha7.5": {"transformer": {"value_guidance": 7.5}},  # the Q term on, at the CPU profile's first weight
@@ -51,9 +55,6 @@ ABLATIONS = {  # tag -> IPDConfig overrides
     # the previous CPU profile: QDT tokens r + γ·max(g', V(s')), which give bad episodes' actions the good episodes'
     # tokens, asked for at the 0.9 expectile, imagined windows at half of each batch
     "qdt-token": {"transformer": {"rtg_relabel": "max", "token_expectile": 0.9, "imagined_ratio": 0.5}},
-    # deploy an exponential moving average of the transformer's weights (horizon ~1,000 of the 5,000 steps) instead
-    # of the last iterate; training itself is unchanged, so each run pairs with `ipd` of the same seed
-    "ema": {"transformer": {"ema_decay": 0.999}},
 }
 SCALES = [0.25, 0.5, 2.0]  # 0 is the no-augment ablation and 1 the default run, both shared with the other parts
 
@@ -130,15 +131,26 @@ def variant_table(rows: list[dict], labels: list[str], datasets: list[str]) -> s
     return "\n".join(lines)
 
 
+def _ema(r: dict) -> float:
+    return float(r.get("config", {}).get("transformer", {}).get("ema_decay", 0.0))
+
+
 def scaling_points(rows: list[dict], dataset: str, default_branches: int) -> list[tuple]:
-    """(n_branches, imagined transitions mean, score mean, score std, n) per volume on one dataset."""
+    """(n_branches, imagined transitions mean, score mean, score std, n) per volume on one dataset.
+
+    The default volume comes from the `ipd` rows, or from `ipd-last-iterate` where the sweep's rows deploy the last
+    iterate and `ipd` does not (the sweep ran before the profile deployed the weight average)."""
+    sweep = [_ema(r) for r in rows if r["dataset"] == dataset and r["algo"].startswith("ipd-branches-")]
+    default_label = "ipd"
+    if sweep and any(_ema(r) != sweep[0] for r in rows if r["dataset"] == dataset and r["algo"] == "ipd"):
+        default_label = "ipd-last-iterate" if sweep[0] == 0.0 else default_label
     by: dict = {}
     for r in rows:
         if r["dataset"] != dataset:
             continue
         if r["algo"] == "ipd-no-augment":
             nb = 0
-        elif r["algo"] == "ipd":
+        elif r["algo"] == default_label:
             nb = default_branches
         elif r["algo"].startswith("ipd-branches-"):
             nb = int(r["algo"].rsplit("-", 1)[1])
@@ -169,7 +181,7 @@ def plots(rows: list[dict], out: str, scaling_sets: list[str], default_branches:
             ax.bar(np.arange(len(sets)) + (i - (len(present) - 1) / 2) * w, m, w, yerr=s, capsize=2, label=a,
                    color=f"C{ALGOS.index(a)}")
         ax.set_xticks(np.arange(len(sets)), [short(d).replace("/", "\n") for d in sets])
-        ax.set_ylabel("normalised score (last iterate)")
+        ax.set_ylabel("normalised score (final policy)")
         ax.legend(ncol=len(present), fontsize=8)
         ax.set_title("IPD vs d3rlpy baselines, mean ± std over seeds")
         fig.tight_layout()
@@ -230,8 +242,9 @@ def report(out: str, profile, scaling_sets: list[str]) -> str:
     ab_labels += sorted({r["algo"] for r in rows if r["algo"].startswith("ipd-") and r["algo"] not in ab_labels
                          and not r["algo"].startswith(("ipd-branches-", "ipd-target-rtg"))}) + ["ipd-target-rtg"]
     lines = [f"Profile `{profile.name}` ({profile.q_steps} Q-learning steps, {profile.transformer_steps} transformer "
-             f"steps, {profile.eval_episodes} evaluation episodes, last iterate); normalised score, mean ± std over "
-             f"seeds {seeds} (n shown where < 3); code at {', '.join(commits)}.", "", "## Main table", "", table, "",
+             f"steps, {profile.eval_episodes} evaluation episodes of the policy fit returns, no selection by "
+             f"evaluation); normalised score, mean ± std over seeds {seeds} (n shown where < 3); code at "
+             f"{', '.join(commits)}.", "", "## Main table", "", table, "",
              "## Ablations", "", variant_table(rows, ab_labels, DATASETS), "",
              "## Scaling with imagined data", ""]
     for d in scaling_sets:

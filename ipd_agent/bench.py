@@ -32,7 +32,7 @@ class Profile:
     transformer_steps: int = 10_000  # gradient steps for DT and IPD's transformer
     transformer_hidden: int = 64  # embedding width of DT and IPD's transformer (same size for both)
     transformer_layers: int = 2  # blocks of DT and IPD's transformer
-    eval_episodes: int = 10  # evaluation episodes of the last iterate
+    eval_episodes: int = 10  # evaluation episodes of the policy fit returns (last evaluation, no best-of selection)
     dt_target_return: dict = dataclasses.field(default_factory=lambda: {"Hopper": 3600.0, "HalfCheetah": 12000.0,
                                                                           "Walker2d": 5000.0})
     ipd: dict = dataclasses.field(default_factory=dict)  # IPDConfig overrides (nested dicts)
