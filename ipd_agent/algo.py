@@ -449,10 +449,13 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         # holds the average) trains on from the average
         ema = getattr(self, "_weight_average", None)
         if tcfg.ema_decay > 0:
-            if ema is None or ema.params[0] is not next(net.parameters()):
+            same_net = ema is not None and ema.params[0] is next(net.parameters())
+            if same_net and ema.swapped:  # the network holds the average the last fit left, unless loaded over since
+                same_net = all(torch.equal(p.detach(), d) for p, d in zip(ema.params, ema.deployed))
+                if same_net:
+                    ema.swap()
+            if not same_net:
                 ema = WeightAverage(net, tcfg.ema_decay)
-            elif ema.swapped:
-                ema.swap()
             ema.decay = tcfg.ema_decay
         else:
             ema = None
@@ -536,6 +539,7 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         net.eval()
         if ema is not None:
             ema.swap()  # from here on the model holds the averaged weights (predict, save, export)
+            ema.deployed = [p.detach().clone() for p in ema.params]  # to tell if weights are loaded over them
         return last
 
     @contextlib.contextmanager

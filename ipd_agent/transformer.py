@@ -278,6 +278,7 @@ class WeightAverage:
         self.decay = decay
         self.n_updates = n_updates
         self.swapped = False  # True while the network holds the average (and ``average`` the raw weights)
+        self.deployed: list = []  # the average as fit left it in the network
 
     @torch.no_grad()
     def update(self) -> None:

@@ -69,3 +69,20 @@ def test_fit_deploys_the_average_and_training_goes_on_from_the_raw_weights(loade
     np.testing.assert_array_equal(load_ipd(path).predict(obs), seen["pred"])  # saved and exported: the average
     algo.fit(hopper_traj, n_steps=0, **FIT_KW)  # a continued fit swaps the raw weights back in, then out again
     np.testing.assert_array_equal(algo.predict(obs), seen["pred"])
+
+
+def test_weights_loaded_over_a_fitted_average_are_not_swapped_away(loaded_copy, fitted, hopper_traj, tmp_path):
+    """A continued fit swaps the raw weights back in only if the network still holds the average fit left."""
+    algo = loaded_copy
+    algo.config.transformer.ema_decay = 0.9
+    algo.fit(hopper_traj, n_steps=5, **FIT_KW)
+    fitted.algo.save_model(str(tmp_path / "weights.pt"))
+    algo.load_model(str(tmp_path / "weights.pt"))  # other weights, loaded in place over the average
+    obs = hopper_traj.observations[::25]
+    expected = fitted.algo.predict(obs)
+    np.testing.assert_array_equal(algo.predict(obs), expected)
+    algo.fit(hopper_traj, n_steps=0, **FIT_KW)
+    np.testing.assert_array_equal(algo.predict(obs), expected)
+    # and the raw weights a further fit would train on are the loaded ones, not the first fit's stale iterate
+    raw = algo._weight_average.average
+    assert all(torch.equal(r, p.detach()) for r, p in zip(raw, algo.impl.transformer.parameters()))
