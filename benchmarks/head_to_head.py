@@ -140,10 +140,9 @@ def scaling_points(rows: list[dict], dataset: str, default_branches: int) -> lis
 
     The default volume comes from the `ipd` rows, or from `ipd-last-iterate` where the sweep's rows deploy the last
     iterate and `ipd` does not (the sweep ran before the profile deployed the weight average)."""
-    sweep = [_ema(r) for r in rows if r["dataset"] == dataset and r["algo"].startswith("ipd-branches-")]
-    default_label = "ipd"
-    if sweep and any(_ema(r) != sweep[0] for r in rows if r["dataset"] == dataset and r["algo"] == "ipd"):
-        default_label = "ipd-last-iterate" if sweep[0] == 0.0 else default_label
+    sweep = {_ema(r) for r in rows if r["dataset"] == dataset and r["algo"].startswith("ipd-branches-")}
+    ipd = {_ema(r) for r in rows if r["dataset"] == dataset and r["algo"] == "ipd"}
+    default_label = "ipd-last-iterate" if sweep == {0.0} and ipd - sweep else "ipd"
     by: dict = {}
     for r in rows:
         if r["dataset"] != dataset:

@@ -274,24 +274,19 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
             dict with per-stage wall time, the augmentation summary and the last losses.
         """
         traj, meta = to_trajectories(dataset)
-        traj.validate()
-        self._check_actions(traj)
+        self._check_data(traj)
         if eval_env is not None:
             self._check_env(eval_env, traj)
         if self._impl is None:
             self.create_impl((traj.observation_dim,), traj.action_dim)
-        elif tuple(self._impl.observation_shape) != (traj.observation_dim,) or self._impl.action_size != traj.action_dim:
-            raise DatasetError(
-                f"This model was built for observations {tuple(self._impl.observation_shape)} and "
-                f"{self._impl.action_size} actions; the dataset has ({traj.observation_dim},) and {traj.action_dim}."
-            )
         if resume:
             if checkpoint_dir is None:
                 raise ValueError("fit(resume=True) needs checkpoint_dir, the folder a previous fit wrote to")
             self._load_checkpoint(checkpoint_dir)
         impl = self._impl
         cfg = self._config
-        data_key = _short_hash([cfg.value.to_dict(), cfg.world_model.to_dict(), cfg.gamma, traj.fingerprint()])
+        fingerprint = traj.fingerprint()  # one pass over the data, for both cache keys below
+        data_key = _short_hash([cfg.value.to_dict(), cfg.world_model.to_dict(), cfg.gamma, fingerprint])
         fitted_key = int(impl.stages.data_key)
         if (impl.stages.is_done("value") or impl.stages.is_done("world_model")) and fitted_key not in (0, data_key):
             raise DatasetError(
@@ -339,7 +334,7 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         impl.world_model.eval()
 
         # stages 3-5: branch points, MPC rollouts, splicing (cached per augmentation settings)
-        key = json.dumps([cfg.augment.to_dict(), cfg.planner.to_dict(), cfg.seed, cfg.gamma, traj.fingerprint()],
+        key = json.dumps([cfg.augment.to_dict(), cfg.planner.to_dict(), cfg.seed, cfg.gamma, fingerprint],
                          sort_keys=True)
         key_hash = _short_hash(key)
         if self.augmentation is None or self._augmentation_key != key:
@@ -371,13 +366,7 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         impl = self._impl
         if impl is None or not (impl.stages.is_done("value") and impl.stages.is_done("world_model")):
             raise RuntimeError("augment() needs a fitted value function and world model: call fit() first.")
-        traj.validate()  # the same checks fit makes, before any planning
-        self._check_actions(traj)
-        if tuple(impl.observation_shape) != (traj.observation_dim,) or impl.action_size != traj.action_dim:
-            raise DatasetError(
-                f"This model was built for observations {tuple(impl.observation_shape)} and {impl.action_size} "
-                f"actions; the dataset has ({traj.observation_dim},) and {traj.action_dim}."
-            )
+        self._check_data(traj)  # the same checks fit makes, before any planning
         cfg = self._config
         planner = MPCPlanner(impl.world_model, impl.value, cfg.planner, cfg.gamma)
         return augment(traj, impl.world_model, impl.value, planner, cfg.augment, cfg.gamma, cfg.seed, show_progress)
@@ -608,6 +597,18 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
                 self._augmentation_key = f.read()
 
     # ----- checks --------------------------------------------------------------------------
+    def _check_data(self, traj: Trajectories) -> None:
+        """What fit and augment check before any computation: the data itself, and that it fits a built model."""
+        traj.validate()
+        self._check_actions(traj)
+        impl = self._impl
+        if impl is not None and (tuple(impl.observation_shape) != (traj.observation_dim,)
+                                 or impl.action_size != traj.action_dim):
+            raise DatasetError(
+                f"This model was built for observations {tuple(impl.observation_shape)} and {impl.action_size} "
+                f"actions; the dataset has ({traj.observation_dim},) and {traj.action_dim}."
+            )
+
     @staticmethod
     def _check_actions(traj: Trajectories) -> None:
         amax = float(np.abs(traj.actions).max())

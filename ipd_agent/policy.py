@@ -58,7 +58,10 @@ class TransformerContext:
     @torch.no_grad()
     def step(self, obs: np.ndarray, last_reward: Optional[np.ndarray] = None) -> np.ndarray:
         """Appends s_t (and the reward r_{t-1} for target mode) and returns a_t for every env: [n, act]."""
-        o = torch.as_tensor(np.asarray(obs, dtype=np.float32)).reshape(self.n_envs, self.obs_dim)
+        obs = np.asarray(obs, dtype=np.float32)
+        if not np.all(np.isfinite(obs)):  # before anything is appended: the contexts stay as they were
+            raise ValueError("predict got NaN/inf observations.")
+        o = torch.as_tensor(obs).reshape(self.n_envs, self.obs_dim)
         started = self.length > 0
         if self.rtg_mode == "target" and last_reward is not None:
             r = torch.as_tensor(np.asarray(last_reward, dtype=np.float32)).reshape(self.n_envs)
@@ -90,8 +93,6 @@ class StatefulIPDWrapper:
         x = np.asarray(x, dtype=np.float32)
         if x.shape != (self._ctx.obs_dim,):
             raise ValueError(f"observation shape {x.shape} does not match the model's ({self._ctx.obs_dim},)")
-        if not np.all(np.isfinite(x)):
-            raise ValueError("predict got NaN/inf observations.")
         return self._ctx.step(x[None], np.array([reward], np.float32))[0]
 
     def reset(self) -> None:
@@ -134,8 +135,6 @@ class IPDPolicy:
         if obs.shape[-1:] != (obs_dim,) or obs.ndim > 2:
             raise ValueError(f"observation shape {obs.shape} does not match the model: expected ({obs_dim},) or "
                              f"(n_envs, {obs_dim})")
-        if not np.all(np.isfinite(obs)):
-            raise ValueError("predict got NaN/inf observations.")
         batch = obs.reshape(-1, obs_dim)
         n = len(batch)
         if self._ctx is None or self._ctx.n_envs != n:

@@ -272,11 +272,11 @@ class WeightAverage:
     twice restores the network exactly.
     """
 
-    def __init__(self, net: nn.Module, decay: float, n_updates: int = 0) -> None:
+    def __init__(self, net: nn.Module, decay: float) -> None:
         self.params = [p for p in net.parameters()]
         self.average = [p.detach().clone() for p in self.params]
         self.decay = decay
-        self.n_updates = n_updates
+        self.n_updates = 0  # a resumed fit restores it from its train state
         self.swapped = False  # True while the network holds the average (and ``average`` the raw weights)
         self.deployed: list = []  # the average as fit left it in the network
 
