@@ -321,7 +321,7 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
             torch.manual_seed(cfg.seed)
             wm_metrics = fit_world_model(
                 impl.world_model, traj.observations, traj.actions, traj.rewards, traj.next_observations,
-                traj.terminals, seed=cfg.seed, show_progress=show_progress, log=None,
+                traj.terminals, seed=cfg.seed, show_progress=show_progress, log=None, next_known=traj.next_known,
             )
             impl.stages.mark("world_model")
             impl.stages.data_key.fill_(data_key)

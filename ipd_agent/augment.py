@@ -141,7 +141,9 @@ class AugmentationResult:
     @classmethod
     def load(cls, path: str) -> "AugmentationResult":
         with np.load(path, allow_pickle=False) as z:
-            traj = Trajectories(**{f.name: z[f"traj_{f.name}"] for f in dataclasses.fields(Trajectories)})
+            # files written before a field existed lack it; its default applies
+            traj = Trajectories(**{f.name: z[f"traj_{f.name}"] for f in dataclasses.fields(Trajectories)
+                                   if f"traj_{f.name}" in z})
             kw = {f.name: z[f.name] for f in dataclasses.fields(cls) if f.name != "trajectories"}
         kw["n_real_episodes"], kw["n_candidates"] = int(kw["n_real_episodes"]), int(kw["n_candidates"])
         kw["threshold"] = float(kw["threshold"])

@@ -43,6 +43,9 @@ class Trajectories:
     ``episode_starts[e]:episode_starts[e + 1]``. ``terminals[i]`` is a true environment termination
     (only ever on an episode's last row); an episode whose last row is not terminal was truncated.
     ``imagined`` and ``branch_ids`` record provenance after augmentation (real rows: False / -1).
+    ``next_known`` is False on the rows whose next state the source did not store (the last row of each episode
+    of a d3rlpy dataset, which keeps T observations for T actions): their ``next_observations`` repeat the state
+    to keep the table rectangular, and the world model does not learn from them.
     """
 
     observations: np.ndarray  # [N, obs_dim] float32
@@ -53,6 +56,7 @@ class Trajectories:
     episode_starts: np.ndarray  # [n_episodes + 1] int64 offsets, first 0, last N
     imagined: Optional[np.ndarray] = None  # [N] bool, True for model-generated rows
     branch_ids: Optional[np.ndarray] = None  # [N] int64, index of the branch point a row came from, -1 if none
+    next_known: Optional[np.ndarray] = None  # [N] bool, False where the next state is a placeholder
 
     def __post_init__(self) -> None:
         # one dtype everywhere, so float64 input cannot reach torch and fail late
@@ -65,6 +69,7 @@ class Trajectories:
             self.imagined = np.zeros(n, dtype=bool)
         if self.branch_ids is None:
             self.branch_ids = np.full(n, -1, dtype=np.int64)
+        self.next_known = np.ones(n, dtype=bool) if self.next_known is None else np.asarray(self.next_known, bool)
 
     # ----- shape helpers -------------------------------------------------------------------
     @property
@@ -106,6 +111,8 @@ class Trajectories:
         h = hashlib.sha1()
         for name in ("observations", "actions", "rewards", "next_observations", "terminals", "episode_starts"):
             h.update(np.ascontiguousarray(getattr(self, name)).tobytes())
+        if not self.next_known.all():  # hashed only when present, so fully known data keeps its earlier key
+            h.update(self.next_known.tobytes())
         return h.hexdigest()
 
     def episode_returns(self) -> np.ndarray:
@@ -121,7 +128,7 @@ class Trajectories:
         """Builds from a list of dicts with keys observations [T+1 or T], actions, rewards, terminated."""
         if len(episodes) == 0:
             raise DatasetError("The dataset has no episodes. Pass a dataset with at least one episode of >= 2 steps.")
-        obs, nxt, act, rew, term, lengths = [], [], [], [], [], []
+        obs, nxt, act, rew, term, known, lengths = [], [], [], [], [], [], []
         for ep in episodes:
             o = np.asarray(ep["observations"], dtype=np.float32)
             a = np.asarray(ep["actions"], dtype=np.float32)
@@ -133,10 +140,12 @@ class Trajectories:
                 raise DatasetError(f"Episode {len(lengths)} has {len(r)} rewards for {t} actions; they must match.")
             if a.ndim == 1:
                 a = a.reshape(t, -1)
+            k = np.ones(t, dtype=bool)
             if len(o) == t + 1:  # Minari layout: final next observation included
                 o_now, o_next = o[:-1], o[1:]
-            elif len(o) == t:  # d3rlpy layout: the last next-observation is unknown; repeat the last state
+            elif len(o) == t:  # d3rlpy layout: the last next state is unknown; a placeholder, marked as such
                 o_now, o_next = o, np.concatenate([o[1:], o[-1:]], axis=0)
+                k[-1] = False
             else:
                 raise DatasetError(
                     f"An episode has {len(o)} observations for {t} actions; expected {t} or {t + 1}."
@@ -148,6 +157,7 @@ class Trajectories:
             act.append(a)
             rew.append(r)
             term.append(te)
+            known.append(k)
             lengths.append(t)
         starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         return cls(
@@ -157,6 +167,7 @@ class Trajectories:
             next_observations=np.concatenate(nxt),
             terminals=np.concatenate(term),
             episode_starts=starts,
+            next_known=np.concatenate(known),
         )
 
     @classmethod
@@ -177,7 +188,7 @@ class Trajectories:
         if self.n_transitions == 0 or self.n_episodes == 0:
             raise DatasetError("The dataset is empty (0 transitions). Pass a dataset with at least one episode.")
         n = len(self.observations)
-        for name in ("actions", "rewards", "next_observations", "terminals"):
+        for name in ("actions", "rewards", "next_observations", "terminals", "next_known"):
             if len(getattr(self, name)) != n:
                 raise DatasetError(f"{name} has {len(getattr(self, name))} rows but observations has {n}; every "
                                    "per-transition array needs one row per transition.")
@@ -252,7 +263,8 @@ class Trajectories:
                     rewards=list(d["rewards"].astype(np.float64)),
                     terminations=list(term),
                     truncations=list(trunc),
-                    infos={"imagined": d["imagined"], "branch_id": d["branch_ids"]},
+                    # next_known travels too: a placeholder final observation must not become a real one on load
+                    infos={"imagined": d["imagined"], "branch_id": d["branch_ids"], "next_known": d["next_known"]},
                 )
             )
         if env is None:  # no environment: describe the spaces from the data (IPD's actions are in [-1, 1])
@@ -307,8 +319,9 @@ def load_minari(dataset: Any) -> tuple["Trajectories", dict]:
             f"IPD supports flat Box observations; this dataset has {dataset.observation_space}. "
             "Dict and image observations are not supported: flatten them first."
         )
-    episodes = []
+    episodes, known = [], []
     for ep in dataset.iterate_episodes():
+        known.append(np.asarray(ep.infos["next_known"], bool) if "next_known" in (ep.infos or {}) else None)
         episodes.append(
             {
                 "observations": ep.observations,
@@ -318,6 +331,9 @@ def load_minari(dataset: Any) -> tuple["Trajectories", dict]:
             }
         )
     traj = Trajectories.from_episodes(episodes)
+    if any(k is not None for k in known):  # written by Trajectories.to_minari from d3rlpy-layout data
+        traj.next_known = np.concatenate([np.ones(len(e["actions"]), bool) if k is None else k
+                                          for e, k in zip(episodes, known)])
     meta = {"observation_space": dataset.observation_space, "action_space": dataset.action_space}
     md = dataset.storage.metadata
     for k in ("ref_min_score", "ref_max_score", "dataset_id"):

@@ -144,11 +144,18 @@ class WorldModel(nn.Module):
         return nxt, rew, tl > 0.0, u
 
     # ----- training ------------------------------------------------------------------------
-    def loss(self, x: torch.Tensor, y: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """x: [E, B, in], y: [E, B, D] (normalised), done: [E, B]."""
+    def loss(self, x: torch.Tensor, y: torch.Tensor, done: torch.Tensor,
+             state_known: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+        """x: [E, B, in], y: [E, B, D] (normalised), done: [E, B]; state_known [E, B] masks the next-state part."""
         mean, logvar, term = self._forward_norm(x)
         inv_var = torch.exp(-logvar)
-        nll = (((mean - y) ** 2) * inv_var + logvar).mean()
+        per_elem = ((mean - y) ** 2) * inv_var + logvar
+        if state_known is None:
+            nll = per_elem.mean()
+        else:  # rows without a stored next state still teach the reward (last column) and the terminal head
+            w = torch.ones_like(per_elem)
+            w[..., :-1] = state_known.unsqueeze(-1).to(per_elem.dtype)
+            nll = (per_elem * w).sum() / w.sum()
         bound = self.cfg.logvar_bound_coef * (self.max_logvar.sum() - self.min_logvar.sum())
         # terminals are rare (~1% of rows); up-weighting them keeps the model from imagining that falls never end
         term_loss = F.binary_cross_entropy_with_logits(term, done, pos_weight=self.term_pos_weight)
@@ -182,8 +189,13 @@ def fit_world_model(
     seed: int = 0,
     show_progress: bool = True,
     log: Optional[Callable[[str, float], None]] = None,
+    next_known: Optional[np.ndarray] = None,
 ) -> dict:
-    """Trains the ensemble with Gaussian NLL, early-stops on held-out MSE, picks elites, sets κ."""
+    """Trains the ensemble with Gaussian NLL, early-stops on held-out MSE, picks elites, sets κ.
+
+    ``next_known`` (bool per row, default all) marks rows whose next state is real: the others train only the
+    reward and terminal heads, and the held-out set is drawn from the known rows.
+    """
     cfg = model.cfg
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -191,20 +203,25 @@ def fit_world_model(
     y_all = np.concatenate([next_obs - obs, rew.reshape(-1, 1)], axis=1).astype(np.float32)
     d_all = terminals.astype(np.float32)
     n = len(x_all)
+    known = None if next_known is None or np.all(next_known) else np.asarray(next_known, dtype=bool)
     perm = rng.permutation(n)
+    if known is not None:  # held-out rows only where the target is real; unknown rows go to training
+        perm = np.concatenate([perm[known[perm]], perm[~known[perm]]])
     n_hold = int(min(max(1, n * cfg.holdout_ratio), cfg.max_holdout))
     hold, train = perm[:n_hold], perm[n_hold:]
+    y_rows = train if known is None else train[known[train]]  # placeholder deltas (zeros) would skew the scale
     with torch.no_grad():
         model.in_mean.copy_(torch.from_numpy(x_all[train].mean(0)))
         model.in_std.copy_(torch.from_numpy(x_all[train].std(0) + 1e-6))
-        model.out_mean.copy_(torch.from_numpy(y_all[train].mean(0)))
-        model.out_std.copy_(torch.from_numpy(y_all[train].std(0) + 1e-6))
+        model.out_mean.copy_(torch.from_numpy(y_all[y_rows].mean(0)))
+        model.out_std.copy_(torch.from_numpy(y_all[y_rows].std(0) + 1e-6))
         n_pos = float(d_all[train].sum())
         # sqrt of the class ratio: recall on rare terminals without flooding rollouts with false stops
         model.term_pos_weight.fill_(float(np.sqrt((len(train) - n_pos) / n_pos)) if n_pos > 0 else 1.0)
     xt = (torch.from_numpy(x_all) - model.in_mean) / model.in_std
     yt = (torch.from_numpy(y_all) - model.out_mean) / model.out_std
     dt = torch.from_numpy(d_all)
+    kt = None if known is None else torch.from_numpy(known)
     train_t = torch.from_numpy(train)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     best = torch.full((cfg.n_members,), float("inf"))
@@ -215,7 +232,7 @@ def fit_world_model(
     for step in bar:
         # each member gets its own bootstrap-style random batch: [E, B]
         idx = train_t[torch.randint(0, len(train_t), (cfg.n_members, cfg.batch_size), generator=gen)]
-        loss, metrics = model.loss(xt[idx], yt[idx], dt[idx])
+        loss, metrics = model.loss(xt[idx], yt[idx], dt[idx], None if kt is None else kt[idx])
         if not torch.isfinite(loss):  # checked before the update, so the weights stay at the last good step
             raise FloatingPointError(f"world model loss became {float(loss)} at step {step}; "
                                      "lower world_model.learning_rate or check the data scale.")

@@ -255,3 +255,31 @@ def test_member_subset_forward_equals_full_forward(model):
         h = torch.nn.functional.silu(h @ layer.weight[e0] + layer.bias[e0])
     out = h @ m.head.weight[e0] + m.head.bias[e0]
     torch.testing.assert_close(out[:, : m.target_dim], sub[0][0], rtol=1e-5, atol=1e-5)
+
+
+def test_rows_without_a_stored_next_state_do_not_teach_the_dynamics():
+    """d3rlpy datasets store T observations for T actions, so each episode's last next state is a placeholder (the
+    state repeated). With two-step episodes half the rows are placeholders: trained on them as if real, the model
+    learns dynamics that are half too slow; masked, it learns the true ones and still learns their rewards."""
+    from ipd_agent import Trajectories
+
+    rng = np.random.default_rng(4)
+    s, a = box(rng, 3000)
+    s2, r, _ = dynamics(s, a)
+    # episodes (s_i, s2_i): two steps each, d3rlpy layout (no final next observation stored)
+    eps = [{"observations": np.stack([s[i], s2[i]]), "actions": np.stack([a[i], a[(i + 1) % len(a)]]),
+            "rewards": np.array([r[i], 0.0], np.float32), "terminated": False} for i in range(len(s))]
+    traj = Trajectories.from_episodes(eps)
+    assert traj.next_known.mean() == 0.5
+    s_test, a_test = box(np.random.default_rng(5), 2000)
+    true_next, true_r, _ = dynamics(s_test, a_test)
+    errs = {}
+    for masked in (True, False):
+        torch.manual_seed(0)
+        m = WorldModel(OD, AD, dataclasses.replace(CFG))
+        fit_world_model(m, traj.observations, traj.actions, traj.rewards, traj.next_observations, traj.terminals,
+                        seed=0, show_progress=False, next_known=traj.next_known if masked else None)
+        nxt, _, _, _ = m.step(_t(s_test), _t(a_test), sample=False)
+        errs[masked] = float(((nxt.numpy() - true_next) ** 2).mean() / ((true_next - s_test) ** 2).mean())
+    assert errs[True] < 0.05, errs  # relative error of the state change
+    assert errs[False] > 4 * errs[True], errs
