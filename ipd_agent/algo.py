@@ -106,6 +106,15 @@ class IPDConfig(TransformerConfig):
         if isinstance(self.value.hidden_units, list):
             self.value.hidden_units = tuple(self.value.hidden_units)
 
+    @classmethod
+    def from_settings(cls, settings: dict) -> "IPDConfig":
+        """Builds from a plain (JSON) dict, naming any key that is not a setting instead of a TypeError."""
+        unknown = set(settings) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown IPDConfig field(s) {sorted(unknown)}; valid: "
+                             f"{[f.name for f in dataclasses.fields(cls)]}")
+        return cls(**settings)  # nested dicts are checked and converted in __post_init__
+
     def create(self, device: DeviceArg = False, enable_ddp: bool = False) -> "IPD":
         return IPD(self, device, enable_ddp)
 

@@ -96,7 +96,7 @@ def make_ipd_config(profile: Profile, seed: int, overrides: Optional[dict] = Non
                 cfg.setdefault(k, {}).update(v)
             else:
                 cfg[k] = v
-    return IPDConfig(**cfg)
+    return IPDConfig.from_settings(cfg)
 
 
 def _baseline(name: str, profile: Profile, device: str):

@@ -7,7 +7,6 @@ Every sub-command has ``--help`` with an example. The same functionality is avai
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -121,10 +120,7 @@ def _fit(args) -> int:
     if args.profile:
         cfg = make_ipd_config(load_profile(args.profile), args.seed, overrides)
     else:
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(IPDConfig)}
-        if unknown:
-            raise ValueError(f"--config: unknown IPDConfig field(s) {sorted(unknown)}")
-        cfg = IPDConfig(seed=args.seed, **overrides)
+        cfg = IPDConfig.from_settings({"seed": args.seed, **overrides})
     traj, meta = load_minari(args.dataset)
     algo = cfg.create(device="cpu:0")
     out = algo.fit(traj, n_steps=args.n_steps, logger_adapter=d3rlpy.logging.FileAdapterFactory(root_dir=args.logdir))
