@@ -84,3 +84,33 @@ def test_stages_one_and_two_are_planned_once_per_setting(tmp_path):
     _write_row(_row_path(str(tmp_path), d, "ipd", 1), {"algo": "ipd"})  # a finished run needs no prefit
     assert [(j.get("tag", ""), j["seed"]) for j in _prefits_needed(jobs, PROFILE, str(tmp_path))] == [("", 0),
                                                                                                      ("big-wm", 0)]
+
+
+def test_pooled_seeds_tables_every_seed_once(tmp_path):
+    """benchmarks/pooled_seeds.py: seeds from two folders pooled; a seed present in both is refused, not counted twice."""
+    import importlib.util
+    import json
+    import pathlib
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "pooled_seeds.py"
+    spec = importlib.util.spec_from_file_location("pooled_seeds", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ds = "d4rlstyle/hopper/medium-replay-v0"
+
+    def put(folder, algo, seed, score):
+        d = tmp_path / folder / "runs" / ds.replace("/", "__")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{algo}_seed{seed}.json").write_text(json.dumps(
+            {"algo": algo, "dataset": ds, "seed": seed, "normalized_score": score}))
+
+    put("a", "dt", 0, 10.0)
+    put("a", "dt", 1, 20.0)
+    put("b", "dt", 3, 30.0)
+    put("b", "bc", 3, 99.0)  # another label: not asked for, not shown
+    table = mod.pooled_table([str(tmp_path / "a"), str(tmp_path / "b")], ["dt"], [ds])
+    assert "| hopper/medium-replay | dt | 0,1,3 | 20.0 ± 8.2 | 10.0 / 20.0 / 30.0 |" in table
+    assert "bc" not in table
+    put("b", "dt", 1, 25.0)
+    with pytest.raises(SystemExit, match="more than one folder"):
+        mod.pooled_table([str(tmp_path / "a"), str(tmp_path / "b")], ["dt"], [ds])

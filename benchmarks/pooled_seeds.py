@@ -1,0 +1,66 @@
+"""Pools the rows of several result folders and tables every seed found, per dataset and label.
+
+The head-to-head table fixes seeds 0-2 (DESIGN §5); fresh seeds run later go to another folder
+(`results/alpha_check`) so they cannot shift that table. This script puts both together for a comparison over all
+seeds, with each seed's score listed so the pooled mean can be checked by hand:
+
+    python benchmarks/pooled_seeds.py --labels ipd dt \
+        --datasets d4rlstyle/hopper/medium-replay-v0 d4rlstyle/hopper/full-replay-v0 d4rlstyle/hopper/medium-v0 \
+        --out benchmarks/results/alpha_check/pooled_hopper.md
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from head_to_head import load_rows, short  # noqa: E402  (the report's own row reader)
+
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def pooled_table(folders: list[str], labels: list[str], datasets: list[str]) -> str:
+    scores: dict = {}  # (dataset, label) -> {seed: score}
+    for folder in folders:
+        for r in load_rows(folder):
+            if r["algo"] not in labels or r["dataset"] not in datasets:
+                continue
+            seen = scores.setdefault((r["dataset"], r["algo"]), {})
+            if r["seed"] in seen:  # one run per seed: two folders holding the same seed would count it twice
+                raise SystemExit(f"{r['algo']} seed {r['seed']} on {r['dataset']} is in more than one folder; "
+                                 "move one aside.")
+            seen[r["seed"]] = float(r["normalized_score"])
+    lines = ["| dataset | label | seeds | mean ± std | per seed |", "|---|---|---|---|---|"]
+    for d in datasets:
+        for a in labels:
+            got = scores.get((d, a))
+            if not got:
+                continue
+            seeds = sorted(got)
+            v = np.array([got[s] for s in seeds])
+            lines.append(f"| {short(d)} | {a} | {','.join(map(str, seeds))} | {v.mean():.1f} ± {v.std():.1f} | "
+                         + " / ".join(f"{x:.1f}" for x in v) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--folders", nargs="+", default=[os.path.join(HERE, "head_to_head"), os.path.join(HERE, "alpha_check")],
+                   help="result folders (each with runs/) to pool")
+    p.add_argument("--labels", nargs="+", required=True, help="row labels, e.g. ipd dt ipd-last-iterate")
+    p.add_argument("--datasets", nargs="+", required=True)
+    p.add_argument("--out", help="also write the table to this markdown file")
+    args = p.parse_args()
+    table = pooled_table(args.folders, args.labels, args.datasets)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(f"Pooled over {', '.join(os.path.relpath(x) for x in args.folders)} "
+                    f"(`python benchmarks/pooled_seeds.py`); normalised score, std over seeds.\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
