@@ -75,10 +75,14 @@ def versions() -> dict:
     import torch
 
     from . import __version__
+    from .config import native_cpu_bf16
 
     return {"ipd_agent": __version__, "git_commit": _COMMIT_AT_IMPORT, "d3rlpy": d3rlpy.__version__, "torch": torch.__version__,
             "gymnasium": gymnasium.__version__, "mujoco": mujoco.__version__, "minari": minari.__version__,
-            "python": platform.python_version(), "machine": platform.processor() or platform.machine()}
+            "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
+            # whether IPD's transformer trains under bf16 autocast here (TransformerNetConfig.bf16 applies only where
+            # the CPU has native bf16): runs on machines that differ here differ in training precision
+            "cpu_bf16": native_cpu_bf16()}
 
 
 def make_ipd_config(profile: Profile, seed: int, overrides: Optional[dict] = None):
