@@ -239,6 +239,30 @@ def plots(rows: list[dict], out: str, scaling_sets: list[str], default_branches:
     return written
 
 
+def curve_table(rows: list[dict]) -> str:
+    """Mean normalised score at each evaluation point (as a share of each run's gradient-step budget), per dataset and
+    label: how fast each algorithm gets there, not only where it ends."""
+    curves: dict = {}
+    for r in rows:
+        for p in r.get("learning_curve", []):
+            frac = round(100 * p["step"] / r["gradient_steps"])
+            curves.setdefault((r["dataset"], r["algo"]), {}).setdefault(frac, []).append(p["normalized_score"])
+    if not curves:
+        return ""
+    fracs = sorted({f for c in curves.values() for f in c})
+    order = {a: i for i, a in enumerate(ALGOS)}
+    keys = sorted(curves, key=lambda k: (DATASETS.index(k[0]) if k[0] in DATASETS else len(DATASETS), k[0],
+                                         order.get(k[1], len(ALGOS)), k[1]))
+    lines = ["| dataset | label | n | " + " | ".join(f"{f} %" for f in fracs) + " |",
+             "|---|---|---|" + "---|" * len(fracs)]
+    for d, a in keys:
+        c = curves[(d, a)]
+        n = max(len(v) for v in c.values())
+        lines.append(f"| {short(d)} | {a} | {n} | " +
+                     " | ".join(f"{np.mean(c[f]):.1f}" if f in c else "–" for f in fracs) + " |")
+    return "\n".join(lines)
+
+
 def report(out: str, profile, scaling_sets: list[str]) -> str:
     rows = load_rows(out)
     default_branches = profile.ipd.get("augment", {}).get("n_branches", 1000)
@@ -260,6 +284,9 @@ def report(out: str, profile, scaling_sets: list[str]) -> str:
         if pts:
             lines += [f"{short(d)}:", "", "| branch points | imagined transitions | score |", "|---|---|---|"]
             lines += [f"| {nb} | {im:.0f} | {m:.1f} ± {s:.1f} (n={n}) |" for nb, im, m, s, n in pts] + [""]
+    curves = curve_table(rows)
+    if curves:
+        lines += ["## Learning curves (mean normalised score at each share of the step budget)", "", curves, ""]
     times: dict = {}
     for r in rows:
         if r["algo"] in ALGOS:

@@ -116,3 +116,28 @@ def test_pooled_seeds_tables_every_seed_once(tmp_path):
     put("b", "dt", 1, 25.0)
     with pytest.raises(SystemExit, match="more than one folder"):
         mod.pooled_table([str(tmp_path / "a"), str(tmp_path / "b")], ["dt"], [ds])
+
+
+def test_curve_table_means_each_step_share_per_label():
+    """benchmarks/head_to_head.py's learning-curve section: scores at the same share of each run's budget are averaged
+    per (dataset, label); runs with different step budgets line up by share, not by step."""
+    import importlib.util
+    import pathlib
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "head_to_head.py"
+    spec = importlib.util.spec_from_file_location("head_to_head", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ds = "d4rlstyle/halfcheetah/full-replay-v0"
+
+    def row(algo, steps, scores):
+        marks = [steps * (i + 1) // len(scores) for i in range(len(scores))]
+        return {"dataset": ds, "algo": algo, "gradient_steps": steps,
+                "learning_curve": [{"step": m, "normalized_score": s} for m, s in zip(marks, scores)]}
+
+    rows = [row("dt", 10, [10.0, 30.0]), row("dt", 10, [20.0, 50.0]), row("ipd", 40, [1.0, 2.0])]
+    lines = mod.curve_table(rows).splitlines()
+    assert lines[0] == "| dataset | label | n | 50 % | 100 % |"
+    assert lines[2] == "| halfcheetah/full-replay | ipd | 1 | 1.0 | 2.0 |"  # IPD first, as in the main table
+    assert lines[3] == "| halfcheetah/full-replay | dt | 2 | 15.0 | 40.0 |"
+    assert mod.curve_table([]) == ""
