@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command: set up, then run the test suite (the suite takes about 4-6 minutes on 2 CPU cores; set-up adds the downloads).
+# One command: set up, then run the test suite (the suite takes 5-15 minutes on 2 CPU cores depending on the machine; set-up adds the downloads).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
