@@ -197,17 +197,16 @@ def plots(rows: list[dict], out: str, scaling_sets: list[str], default_branches:
         plt.close(fig)
         written.append("bars.png")
         # learning curves: x is the fraction of each algorithm's own gradient-step budget
+        curves = mean_curves(rows)
         fig, axes = plt.subplots(2, 3, figsize=(12, 6), sharex=True)
         for ax, d in zip(axes.T.ravel(), sets):
             for a in ALGOS:
-                curves = [r["learning_curve"] for r in rows if r["dataset"] == d and r["algo"] == a
-                          and r.get("learning_curve")]
-                if not curves:
+                c = curves.get((d, a))
+                if not c:
                     continue
-                n = min(len(c) for c in curves)
-                x = [p["step"] / curves[0][-1]["step"] for p in curves[0][:n]]
-                y = np.array([[p["normalized_score"] for p in c[:n]] for c in curves])
-                ax.plot(x, y.mean(0), marker="o", ms=3, label=a, color=f"C{ALGOS.index(a)}")
+                fracs = sorted(c)
+                ax.plot([f / 100 for f in fracs], [np.mean(c[f]) for f in fracs], marker="o", ms=3, label=a,
+                        color=f"C{ALGOS.index(a)}")
             ax.set_title(short(d), fontsize=9)
         for ax in axes.T.ravel()[len(sets):]:
             ax.set_visible(False)  # datasets without finished runs yet
@@ -239,14 +238,21 @@ def plots(rows: list[dict], out: str, scaling_sets: list[str], default_branches:
     return written
 
 
-def curve_table(rows: list[dict]) -> str:
-    """Mean normalised score at each evaluation point (as a share of each run's gradient-step budget), per dataset and
-    label: how fast each algorithm gets there, not only where it ends."""
+def mean_curves(rows: list[dict]) -> dict:
+    """(dataset, label) -> {percent of the run's gradient-step budget: [score of each seed there]}: learning curves
+    line up by share of the budget, so algorithms with different step budgets share one axis."""
     curves: dict = {}
     for r in rows:
         for p in r.get("learning_curve", []):
             frac = round(100 * p["step"] / r["gradient_steps"])
             curves.setdefault((r["dataset"], r["algo"]), {}).setdefault(frac, []).append(p["normalized_score"])
+    return curves
+
+
+def curve_table(rows: list[dict]) -> str:
+    """Mean normalised score at each evaluation point, per dataset and label: how fast each algorithm gets there,
+    not only where it ends."""
+    curves = mean_curves(rows)
     if not curves:
         return ""
     fracs = sorted({f for c in curves.values() for f in c})

@@ -88,16 +88,23 @@ def test_stages_one_and_two_are_planned_once_per_setting(tmp_path):
                                                                                                      ("big-wm", 0)]
 
 
-def test_pooled_seeds_tables_every_seed_once(tmp_path):
-    """benchmarks/pooled_seeds.py: seeds from two folders pooled; a seed present in both is refused, not counted twice."""
+def _benchmark_script(name: str):
+    """A script of benchmarks/ imported as a module (the folder is not a package)."""
     import importlib.util
-    import json
     import pathlib
 
-    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "pooled_seeds.py"
-    spec = importlib.util.spec_from_file_location("pooled_seeds", script)
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, script)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_pooled_seeds_tables_every_seed_once(tmp_path):
+    """benchmarks/pooled_seeds.py: seeds from two folders pooled; a seed present in both is refused, not counted twice."""
+    import json
+
+    mod = _benchmark_script("pooled_seeds")
     ds = "d4rlstyle/hopper/medium-replay-v0"
 
     def put(folder, algo, seed, score):
@@ -121,13 +128,7 @@ def test_pooled_seeds_tables_every_seed_once(tmp_path):
 def test_curve_table_means_each_step_share_per_label():
     """benchmarks/head_to_head.py's learning-curve section: scores at the same share of each run's budget are averaged
     per (dataset, label); runs with different step budgets line up by share, not by step."""
-    import importlib.util
-    import pathlib
-
-    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "head_to_head.py"
-    spec = importlib.util.spec_from_file_location("head_to_head", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _benchmark_script("head_to_head")
     ds = "d4rlstyle/halfcheetah/full-replay-v0"
 
     def row(algo, steps, scores):
