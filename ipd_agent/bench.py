@@ -207,7 +207,6 @@ def run_one(algo_name: str, dataset_id: str, seed: int, profile: Profile, out_di
     if algo_name == "ipd":
         cfg = make_ipd_config(profile, seed, ipd_overrides)
         algo, pre_times = prefit_ipd(cfg, traj, dataset_id, out_dir)
-        algo._config = cfg  # same value/world-model/network settings as the cached stages; variant settings on top
         t0 = time.perf_counter()  # stages 1-2 are timed by the prefit and added below
         out = algo.fit(traj, n_steps=profile.transformer_steps, n_steps_per_epoch=max(1, profile.transformer_steps),
                        experiment_name=f"{label}_{dataset_id.replace('/', '_')}_s{seed}", logger_adapter=adapter,
@@ -295,18 +294,16 @@ def _prefit_key(cfg, dataset_id: str) -> str:
     import hashlib
 
     d = json.loads(cfg.serialize())
-    keep = {k: d[k] for k in ("seed", "gamma", "context_size", "value", "world_model", "transformer")}
-    # the transformer is built with the model, so its architecture is part of the key
-    keep["transformer"] = {k: v for k, v in keep["transformer"].items()
-                           if k in ("hidden_size", "n_layers", "n_heads", "tokens_per_step")}
+    # only what stages 1-2 depend on: variants of the transformer (its layout and size included) share one prefit
+    keep = {k: d[k] for k in ("seed", "gamma", "value", "world_model")}
     return hashlib.sha1(json.dumps([dataset_id, keep], sort_keys=True).encode()).hexdigest()[:12]
 
 
 def prefit_ipd(cfg, traj, dataset_id: str, out_dir: str):
     """IPD with stages 1-2 (IQL value, world model) fitted once per (dataset, seed, settings) and cached.
 
-    Variants that differ only in augmentation or transformer training (the ablations) share them, exactly as a
-    user would by calling ``fit`` again with other augmentation settings.
+    Variants that differ only in augmentation or in the transformer (the ablations, a token layout, a network size)
+    share them, exactly as a user would by calling ``fit`` again with other augmentation settings.
     """
     import copy
 
@@ -317,7 +314,7 @@ def prefit_ipd(cfg, traj, dataset_id: str, out_dir: str):
     times_path = path + ".json"
     if os.path.exists(path) and os.path.exists(times_path):
         with open(times_path) as f:
-            return load_ipd(path), json.load(f)
+            return _with_fitted_stages(cfg, load_ipd(path)), json.load(f)
     import d3rlpy
 
     base = copy.deepcopy(cfg)
@@ -330,7 +327,17 @@ def prefit_ipd(cfg, traj, dataset_id: str, out_dir: str):
     times = {k: algo.stage_times[k] for k in ("value", "world_model")}
     with open(times_path, "w") as f:
         json.dump(times, f)
-    return load_ipd(path), times
+    return _with_fitted_stages(cfg, load_ipd(path)), times
+
+
+def _with_fitted_stages(cfg, cached):
+    """A model built from ``cfg`` (its transformer initialised exactly as a fresh ``fit`` would) that holds the cached
+    model's fitted value function and world model, so ``fit`` goes straight to augmentation and the transformer."""
+    algo = cfg.create(device="cpu:0")
+    algo.create_impl(cached.impl.observation_shape, cached.impl.action_size)
+    for name in ("value", "world_model", "stages"):
+        getattr(algo.impl, name).load_state_dict(getattr(cached.impl, name).state_dict())
+    return algo
 
 
 def _prefit_job(dataset_id: str, seed: int, profile: Profile, out_dir: str, overrides, dataset_root) -> str:

@@ -77,6 +77,8 @@ def test_stages_one_and_two_are_planned_once_per_setting(tmp_path):
     jobs = [{"algo": "ipd", "dataset": d, "seed": 0},
             {"algo": "ipd", "tag": "no-guidance", "dataset": d, "seed": 0,  # transformer-only change: shares the cache
              "ipd_overrides": {"transformer": {"value_guidance": 0.0}}},
+            {"algo": "ipd", "tag": "dt-layout", "dataset": d, "seed": 0,  # so does the transformer's architecture
+             "ipd_overrides": {"transformer": {"tokens_per_step": 3, "n_layers": 2}}},
             {"algo": "ipd", "tag": "big-wm", "dataset": d, "seed": 0,  # world-model change: needs its own fit
              "ipd_overrides": {"world_model": {"hidden_size": 64}}},
             {"algo": "ipd", "dataset": d, "seed": 1},
@@ -86,6 +88,33 @@ def test_stages_one_and_two_are_planned_once_per_setting(tmp_path):
     _write_row(_row_path(str(tmp_path), d, "ipd", 1), {"algo": "ipd"})  # a finished run needs no prefit
     assert [(j.get("tag", ""), j["seed"]) for j in _prefits_needed(jobs, PROFILE, str(tmp_path))] == [("", 0),
                                                                                                      ("big-wm", 0)]
+
+
+def test_a_cached_prefit_serves_another_transformer_architecture(tmp_path, hopper_traj):
+    """Stages 1-2 are fitted once; a variant with another transformer layout gets them from the cache, and its
+    transformer starts from exactly the weights a fresh model with its own settings would have."""
+    import torch
+
+    from ipd_agent.bench import make_ipd_config, prefit_ipd
+
+    d = "ipdtest/hopper-random-v0"
+    base = make_ipd_config(PROFILE, 0, None)
+    first, times = prefit_ipd(base, hopper_traj, d, str(tmp_path))
+    layout = make_ipd_config(PROFILE, 0, {"transformer": {"tokens_per_step": 3}})
+    t0 = time.perf_counter()
+    second, times2 = prefit_ipd(layout, hopper_traj, d, str(tmp_path))
+    assert time.perf_counter() - t0 < 0.5 * (times["value"] + times["world_model"])  # loaded, not refitted
+    assert times2 == times and len(list((tmp_path / "cache").glob("*.d3"))) == 1
+    assert second.config.transformer.tokens_per_step == 3 and second.impl.transformer.tokens == 3
+    for name in ("value", "world_model"):
+        a, b = getattr(first.impl, name).state_dict(), getattr(second.impl, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    fresh = layout.create(device="cpu:0")
+    fresh.create_impl((hopper_traj.observation_dim,), hopper_traj.action_dim)
+    want, got = fresh.impl.transformer.state_dict(), second.impl.transformer.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert second.impl.stages.is_done("value") and second.impl.stages.is_done("world_model")
+    assert not second.impl.stages.is_done("transformer")
 
 
 def _benchmark_script(name: str):
