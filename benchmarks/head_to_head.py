@@ -170,6 +170,17 @@ def scaling_points(rows: list[dict], dataset: str, default_branches: int) -> lis
              float(np.std([x[1] for x in v])), len(v)) for nb, v in sorted(by.items())]
 
 
+# the six algorithms, and an opt-in diagnostic where its rows are in the folder (not the ablations: they have their
+# own table); the index fixes each label's colour
+PLOTTED = ALGOS + [f"ipd-{t}" for t in DIAGNOSTICS]
+
+
+def plotted_labels(rows: list[dict]) -> list[str]:
+    """The labels the bar chart and the learning curves draw, in legend order: those of PLOTTED with rows here."""
+    have = {r["algo"] for r in rows}
+    return [a for a in PLOTTED if a in have]
+
+
 def plots(rows: list[dict], out: str, scaling_sets: list[str], default_branches: int) -> list[str]:
     import matplotlib
 
@@ -177,36 +188,41 @@ def plots(rows: list[dict], out: str, scaling_sets: list[str], default_branches:
     import matplotlib.pyplot as plt
 
     written = []
-    summ = summarise([r for r in rows if r["algo"] in ALGOS])
+    shown = PLOTTED
+    summ = summarise([r for r in rows if r["algo"] in shown])
     sets = [d for d in DATASETS if d in summ]
     if sets:  # per-dataset bars with std error bars
         fig, ax = plt.subplots(figsize=(11, 4))
-        present = [a for a in ALGOS if any(a in summ[d] for d in sets)]  # no empty legend entries
+        present = plotted_labels(rows)
         w = 0.8 / len(present)
         for i, a in enumerate(present):
             m = [summ[d][a][0] if a in summ[d] else np.nan for d in sets]
             s = [summ[d][a][1] if a in summ[d] else 0.0 for d in sets]
             ax.bar(np.arange(len(sets)) + (i - (len(present) - 1) / 2) * w, m, w, yerr=s, capsize=2, label=a,
-                   color=f"C{ALGOS.index(a)}")
+                   color=f"C{shown.index(a)}")
         ax.set_xticks(np.arange(len(sets)), [short(d).replace("/", "\n") for d in sets])
         ax.set_ylabel("normalised score (final policy)")
         ax.legend(ncol=len(present), fontsize=8)
-        ax.set_title("IPD vs d3rlpy baselines, mean ± std over seeds")
+        ax.set_title("IPD vs d3rlpy baselines, mean ± std over seeds" if set(present) <= set(ALGOS)
+                     else "Final score per label, mean ± std over seeds")
         fig.tight_layout()
         fig.savefig(os.path.join(out, "bars.png"), dpi=110)
         plt.close(fig)
         written.append("bars.png")
         # learning curves: x is the fraction of each algorithm's own gradient-step budget
         curves = mean_curves(rows)
-        fig, axes = plt.subplots(2, 3, figsize=(12, 6), sharex=True)
+        if len(sets) > 3:
+            fig, axes = plt.subplots(2, 3, figsize=(12, 6), sharex=True)
+        else:  # one row, so every panel keeps its x axis
+            fig, axes = plt.subplots(1, len(sets), figsize=(4.5 * len(sets), 3.6), squeeze=False)
         for ax, d in zip(axes.T.ravel(), sets):
-            for a in ALGOS:
+            for a in shown:
                 c = curves.get((d, a))
                 if not c:
                     continue
                 fracs = sorted(c)
                 ax.plot([f / 100 for f in fracs], [np.mean(c[f]) for f in fracs], marker="o", ms=3, label=a,
-                        color=f"C{ALGOS.index(a)}")
+                        color=f"C{shown.index(a)}")
             ax.set_title(short(d), fontsize=9)
         for ax in axes.T.ravel()[len(sets):]:
             ax.set_visible(False)  # datasets without finished runs yet
@@ -214,8 +230,13 @@ def plots(rows: list[dict], out: str, scaling_sets: list[str], default_branches:
             ax.set_xlabel("fraction of training budget")
         for ax in axes[:, 0]:
             ax.set_ylabel("normalised score")
-        axes[0, 0].legend(fontsize=7)
-        fig.suptitle("Learning curves (mean over seeds; last point = 10-episode final evaluation)")
+        legend: dict = {}  # every label drawn on any panel, once
+        for ax in axes.ravel():
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                legend.setdefault(lab, h)
+        axes[0, 0].legend(list(legend.values()), list(legend), fontsize=7)
+        fig.suptitle("Learning curves (mean over seeds;" + ("\n" if len(sets) < 3 else " ") +
+                     "last point = 10-episode final evaluation)")
         fig.tight_layout()
         fig.savefig(os.path.join(out, "curves.png"), dpi=110)
         plt.close(fig)

@@ -129,6 +129,16 @@ def _benchmark_script(name: str):
     return mod
 
 
+def test_plots_draw_the_algorithms_and_diagnostics_present_but_not_ablations(tmp_path):
+    mod = _benchmark_script("head_to_head")
+    ds = "d4rlstyle/halfcheetah/full-replay-v0"
+    rows = [{"algo": a, "dataset": ds, "seed": s, "normalized_score": 10.0 + s, "gradient_steps": 100,
+             "learning_curve": [{"step": 50, "normalized_score": 5.0}, {"step": 100, "normalized_score": 10.0 + s}]}
+            for a in ("ipd-dt-layout", "ipd-no-augment", "dt", "ipd") for s in (0, 1)]
+    assert mod.plotted_labels(rows) == ["ipd", "dt", "ipd-dt-layout"]
+    assert mod.plots(rows, str(tmp_path), [], 1000) == ["bars.png", "curves.png"]
+
+
 def test_pooled_seeds_tables_every_seed_once(tmp_path):
     """benchmarks/pooled_seeds.py: seeds from two folders pooled; a seed present in both is refused, not counted twice."""
     import json
