@@ -290,20 +290,45 @@ def curve_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+README_START = "<!-- head_to_head main table: written by benchmarks/head_to_head.py --readme README.md -->"
+README_END = "<!-- end of head_to_head main table -->"
+
+
+def header_line(rows: list[dict], profile) -> str:
+    """What the numbers are: profile, budget, seeds and the commits the rows were made at."""
+    seeds = sorted({r["seed"] for r in rows})
+    commits = sorted({str(r["versions"].get("git_commit")) for r in rows})
+    return (f"Profile `{profile.name}` ({profile.q_steps} Q-learning steps, {profile.transformer_steps} transformer "
+            f"steps, {profile.eval_episodes} evaluation episodes of the policy fit returns, no selection by "
+            f"evaluation); normalised score, mean ± std over seeds {seeds} (n shown where < 3); code at "
+            f"{', '.join(commits)}.")
+
+
+def readme_block(rows: list[dict], profile) -> str:
+    """The README's copy of the main table, between its two markers, so the front page cannot drift from the rows."""
+    return "\n".join([README_START, header_line(rows, profile), "", main_table(rows)[0], README_END])
+
+
+def update_readme(path: str, block: str) -> None:
+    with open(path) as f:
+        text = f.read()
+    if text.count(README_START) != 1 or text.count(README_END) != 1:
+        raise SystemExit(f"{path} needs exactly one pair of main-table markers:\n{README_START}\n{README_END}")
+    head, rest = text.split(README_START)
+    tail = rest.split(README_END)[1]
+    with open(path, "w") as f:
+        f.write(head + block + tail)
+
+
 def report(out: str, profile, scaling_sets: list[str]) -> str:
     rows = load_rows(out)
     default_branches = profile.ipd.get("augment", {}).get("n_branches", 1000)
     table, avg = main_table(rows)
-    seeds = sorted({r["seed"] for r in rows})
-    commits = sorted({str(r["versions"].get("git_commit")) for r in rows})
     ab_labels = ["ipd"] + [f"ipd-{t}" for t in ABLATIONS]
     # rows of variants no longer in ABLATIONS (kept results, e.g. benchmarks/results/alpha_check) still get a column
     ab_labels += sorted({r["algo"] for r in rows if r["algo"].startswith("ipd-") and r["algo"] not in ab_labels
                          and not r["algo"].startswith(("ipd-branches-", "ipd-target-rtg"))}) + ["ipd-target-rtg"]
-    lines = [f"Profile `{profile.name}` ({profile.q_steps} Q-learning steps, {profile.transformer_steps} transformer "
-             f"steps, {profile.eval_episodes} evaluation episodes of the policy fit returns, no selection by "
-             f"evaluation); normalised score, mean ± std over seeds {seeds} (n shown where < 3); code at "
-             f"{', '.join(commits)}.", "", "## Main table", "", table, "",
+    lines = [header_line(rows, profile), "", "## Main table", "", table, "",
              "## Ablations", "", variant_table(rows, ab_labels, DATASETS), "",
              "## Scaling with imagined data", ""]
     for d in scaling_sets:
@@ -360,6 +385,7 @@ def main() -> None:
     p.add_argument("--ray-address", default=None, help="run on this Ray cluster instead of local processes")
     p.add_argument("--out", default="benchmarks/results/head_to_head")
     p.add_argument("--report-only", action="store_true", help="only rebuild tables and plots from finished runs")
+    p.add_argument("--readme", default=None, help="also rewrite the main table between the markers in this file")
     a = p.parse_args()
     prof = load_profile(a.profile)
     if not a.report_only:
@@ -373,6 +399,8 @@ def main() -> None:
         run_sweep(jobs, prof, a.out, workers=a.workers, dataset_root=os.path.abspath(a.minari_path),
                   ray_address=a.ray_address)
     print(report(a.out, prof, a.scaling_datasets))
+    if a.readme:
+        update_readme(a.readme, readme_block(load_rows(a.out), prof))
 
 
 if __name__ == "__main__":

@@ -181,3 +181,24 @@ def test_curve_table_means_each_step_share_per_label():
     assert lines[2] == "| halfcheetah/full-replay | ipd | 1 | 1.0 | 2.0 |"  # IPD first, as in the main table
     assert lines[3] == "| halfcheetah/full-replay | dt | 2 | 15.0 | 40.0 |"
     assert mod.curve_table([]) == ""
+
+
+def test_readme_main_table_is_the_committed_rows(tmp_path):
+    """The README's main table is what `head_to_head.py --report-only --readme README.md` writes from the committed
+    rows: a row added without refreshing the README (or a hand edit of the table) fails here."""
+    import pathlib
+
+    from ipd_agent.bench import load_profile
+
+    mod = _benchmark_script("head_to_head")
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    rows = mod.load_rows(str(repo / "benchmarks" / "results" / "head_to_head"))
+    assert {r["algo"] for r in rows} >= set(mod.ALGOS)
+    block = mod.readme_block(rows, load_profile("cpu"))
+    readme = (repo / "README.md").read_text()
+    assert block in readme, "README main table is stale: run python benchmarks/head_to_head.py --report-only --readme README.md"
+    # and the rewrite replaces exactly the marked block
+    copy = tmp_path / "README.md"
+    copy.write_text(readme.replace("| **mean over 6** |", "| **mean over six** |", 1))
+    mod.update_readme(str(copy), block)
+    assert copy.read_text() == readme
