@@ -206,7 +206,7 @@ def run_one(algo_name: str, dataset_id: str, seed: int, profile: Profile, out_di
 
     if algo_name == "ipd":
         cfg = make_ipd_config(profile, seed, ipd_overrides)
-        algo, pre_times = prefit_ipd(cfg, traj, dataset_id, out_dir)
+        algo, pre_times = prefit_ipd(cfg, traj, dataset_id, out_dir, stage_config(profile, seed, ipd_overrides))
         t0 = time.perf_counter()  # stages 1-2 are timed by the prefit and added below
         out = algo.fit(traj, n_steps=profile.transformer_steps, n_steps_per_epoch=max(1, profile.transformer_steps),
                        experiment_name=f"{label}_{dataset_id.replace('/', '_')}_s{seed}", logger_adapter=adapter,
@@ -294,22 +294,39 @@ def _prefit_key(cfg, dataset_id: str) -> str:
     import hashlib
 
     d = json.loads(cfg.serialize())
-    # only what stages 1-2 depend on: variants of the transformer (its layout and size included) share one prefit
-    keep = {k: d[k] for k in ("seed", "gamma", "value", "world_model")}
+    keep = {k: d[k] for k in ("seed", "gamma", "context_size", "value", "world_model", "transformer")}
+    # the transformer is built with the model (its initial weights are drawn before the world model's), so its
+    # architecture is part of the key; stage_config gives every variant of one profile the same one
+    keep["transformer"] = {k: v for k, v in keep["transformer"].items()
+                           if k in ("hidden_size", "n_layers", "n_heads", "tokens_per_step")}
     return hashlib.sha1(json.dumps([dataset_id, keep], sort_keys=True).encode()).hexdigest()[:12]
 
 
-def prefit_ipd(cfg, traj, dataset_id: str, out_dir: str):
+def stage_config(profile: Profile, seed: int, overrides: Optional[dict] = None):
+    """The config stages 1-2 are fitted under: the variant's own value / world-model settings, the profile's own
+    transformer. The world model's initial weights are drawn after the transformer's, so fitting under a variant's
+    transformer (another token layout, say) would tie them to it, and a shared cache to whichever variant ran first.
+    This way every transformer variant of a profile (ablations, layouts, sizes) uses the world model and value
+    function ``ipd`` uses, and only its transformer differs."""
+    cfg = make_ipd_config(profile, seed, overrides)
+    cfg.transformer = make_ipd_config(profile, seed, None).transformer
+    return cfg
+
+
+def prefit_ipd(cfg, traj, dataset_id: str, out_dir: str, stages=None):
     """IPD with stages 1-2 (IQL value, world model) fitted once per (dataset, seed, settings) and cached.
 
-    Variants that differ only in augmentation or in the transformer (the ablations, a token layout, a network size)
-    share them, exactly as a user would by calling ``fit`` again with other augmentation settings.
+    Args:
+        cfg: the run's config; the returned model is built from it.
+        stages: the config stages 1-2 are fitted under (``stage_config``; default ``cfg``). Runs whose ``stages``
+            agree share the fit, exactly as a user would by calling ``fit`` again with other augmentation settings.
     """
     import copy
 
     from .algo import load_ipd
 
-    key = _prefit_key(cfg, dataset_id)
+    stages = cfg if stages is None else stages
+    key = _prefit_key(stages, dataset_id)
     path = os.path.join(out_dir, "cache", f"{dataset_id.replace('/', '__')}__s{cfg.seed}__{key}.d3")
     times_path = path + ".json"
     if os.path.exists(path) and os.path.exists(times_path):
@@ -317,7 +334,7 @@ def prefit_ipd(cfg, traj, dataset_id: str, out_dir: str):
             return _with_fitted_stages(cfg, load_ipd(path)), json.load(f)
     import d3rlpy
 
-    base = copy.deepcopy(cfg)
+    base = copy.deepcopy(stages)
     base.augment.enabled = False
     algo = base.create(device="cpu:0")
     algo.fit(traj, n_steps=0, show_progress=False, logger_adapter=d3rlpy.logging.NoopAdapterFactory())
@@ -349,7 +366,8 @@ def _prefit_job(dataset_id: str, seed: int, profile: Profile, out_dir: str, over
     from .data import load_minari
 
     traj, _ = load_minari(dataset_id)
-    prefit_ipd(make_ipd_config(profile, seed, overrides), traj, dataset_id, out_dir)
+    prefit_ipd(make_ipd_config(profile, seed, overrides), traj, dataset_id, out_dir,
+               stage_config(profile, seed, overrides))
     return dataset_id
 
 
@@ -377,7 +395,7 @@ def _prefits_needed(jobs: list[dict], profile: Profile, out_dir: str) -> list[di
     for j in jobs:
         if j["algo"] != "ipd" or os.path.exists(_job_row_path(out_dir, j)):
             continue
-        key = (j["dataset"], _prefit_key(make_ipd_config(profile, j["seed"], j.get("ipd_overrides")), j["dataset"]))
+        key = (j["dataset"], _prefit_key(stage_config(profile, j["seed"], j.get("ipd_overrides")), j["dataset"]))
         if key not in seen:
             seen.add(key)
             needed.append(j)

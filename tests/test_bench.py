@@ -90,25 +90,29 @@ def test_stages_one_and_two_are_planned_once_per_setting(tmp_path):
                                                                                                      ("big-wm", 0)]
 
 
-def test_a_cached_prefit_serves_another_transformer_architecture(tmp_path, hopper_traj):
-    """Stages 1-2 are fitted once; a variant with another transformer layout gets them from the cache, and its
-    transformer starts from exactly the weights a fresh model with its own settings would have."""
+def test_transformer_variants_share_stages_one_and_two_whatever_runs_first(tmp_path, hopper_traj):
+    """Stages 1-2 are fitted once, under the profile's own transformer: a variant with another token layout gets the
+    same value function and world model as ``ipd`` whether it runs first or second, and its transformer starts from
+    exactly the weights a fresh model with its own settings would have."""
     import torch
 
-    from ipd_agent.bench import make_ipd_config, prefit_ipd
+    from ipd_agent.bench import make_ipd_config, prefit_ipd, stage_config
 
     d = "ipdtest/hopper-random-v0"
-    base = make_ipd_config(PROFILE, 0, None)
-    first, times = prefit_ipd(base, hopper_traj, d, str(tmp_path))
-    layout = make_ipd_config(PROFILE, 0, {"transformer": {"tokens_per_step": 3}})
+    layout_overrides = {"transformer": {"tokens_per_step": 3}}
+    base, layout = make_ipd_config(PROFILE, 0, None), make_ipd_config(PROFILE, 0, layout_overrides)
+    first, times = prefit_ipd(base, hopper_traj, d, str(tmp_path / "a"), stage_config(PROFILE, 0, None))
     t0 = time.perf_counter()
-    second, times2 = prefit_ipd(layout, hopper_traj, d, str(tmp_path))
+    second, times2 = prefit_ipd(layout, hopper_traj, d, str(tmp_path / "a"), stage_config(PROFILE, 0, layout_overrides))
     assert time.perf_counter() - t0 < 0.5 * (times["value"] + times["world_model"])  # loaded, not refitted
-    assert times2 == times and len(list((tmp_path / "cache").glob("*.d3"))) == 1
+    assert times2 == times and len(list((tmp_path / "a" / "cache").glob("*.d3"))) == 1
+    # the layout variant first, in a fresh folder: the same stages
+    alone, _ = prefit_ipd(layout, hopper_traj, d, str(tmp_path / "b"), stage_config(PROFILE, 0, layout_overrides))
     assert second.config.transformer.tokens_per_step == 3 and second.impl.transformer.tokens == 3
-    for name in ("value", "world_model"):
-        a, b = getattr(first.impl, name).state_dict(), getattr(second.impl, name).state_dict()
-        assert all(torch.equal(a[k], b[k]) for k in a)
+    for other in (second, alone):
+        for name in ("value", "world_model"):
+            a, b = getattr(first.impl, name).state_dict(), getattr(other.impl, name).state_dict()
+            assert all(torch.equal(a[k], b[k]) for k in a), name
     fresh = layout.create(device="cpu:0")
     fresh.create_impl((hopper_traj.observation_dim,), hopper_traj.action_dim)
     want, got = fresh.impl.transformer.state_dict(), second.impl.transformer.state_dict()
