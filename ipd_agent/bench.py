@@ -388,6 +388,11 @@ def _finished_rows(jobs: list[dict], out_dir: str) -> tuple[list[dict], list[dic
     return rows, todo
 
 
+def _stages_key(job: dict, profile: Profile) -> tuple:
+    """Which fit of stages 1-2 an IPD job uses."""
+    return job["dataset"], _prefit_key(stage_config(profile, job["seed"], job.get("ipd_overrides")), job["dataset"])
+
+
 def _prefits_needed(jobs: list[dict], profile: Profile, out_dir: str) -> list[dict]:
     """One IPD job per distinct (dataset, stage 1-2 settings) among the unfinished IPD jobs: the sweep fits stages 1-2
     for these first, so variants that share them never race to fit them twice."""
@@ -395,7 +400,7 @@ def _prefits_needed(jobs: list[dict], profile: Profile, out_dir: str) -> list[di
     for j in jobs:
         if j["algo"] != "ipd" or os.path.exists(_job_row_path(out_dir, j)):
             continue
-        key = (j["dataset"], _prefit_key(stage_config(profile, j["seed"], j.get("ipd_overrides")), j["dataset"]))
+        key = _stages_key(j, profile)
         if key not in seen:
             seen.add(key)
             needed.append(j)
@@ -461,16 +466,20 @@ def run_sweep(jobs: list[dict], profile: Profile, out_dir: str, workers: int = 2
     # a fresh process per run: no state carried between runs, and peak memory is the run's own
     with ProcessPoolExecutor(max_workers=workers, max_tasks_per_child=1) as pool:
         # stages 1-2 first, once per (dataset, seed, settings), so variants never race to fit them
-        pre = [pool.submit(_prefit_job, j["dataset"], j["seed"], profile, out_dir, j.get("ipd_overrides"), dataset_root)
-               for j in _prefits_needed(jobs, profile, out_dir)]
+        pre = {pool.submit(_prefit_job, j["dataset"], j["seed"], profile, out_dir, j.get("ipd_overrides"),
+                           dataset_root): _stages_key(j, profile)
+               for j in _prefits_needed(jobs, profile, out_dir)}
+
         def submit(j):
             return pool.submit(run_one, j["algo"], j["dataset"], j["seed"], profile, out_dir, j.get("tag", ""),
                                j.get("ipd_overrides"), dataset_root)
 
         futs = {submit(j): j for j in jobs if j["algo"] != "ipd"}  # baselines queue behind the prefits
+        ipd_jobs = [j for j in jobs if j["algo"] == "ipd"]
+        # each IPD run is queued as soon as its own stages 1-2 are fitted, not after every prefit of the sweep
         for fut in tqdm(as_completed(pre), total=len(pre), desc="value + world model", disable=not show_progress):
             fut.result()
-        futs.update({submit(j): j for j in jobs if j["algo"] == "ipd"})
+            futs.update({submit(j): j for j in ipd_jobs if _stages_key(j, profile) == pre[fut]})
         for fut in tqdm(as_completed(futs), total=len(futs), desc="runs", disable=not show_progress):
             row = fut.result()
             rows.append(row)
