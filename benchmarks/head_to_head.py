@@ -26,6 +26,7 @@ import csv
 import glob
 import json
 import os
+from typing import Optional
 
 import numpy as np
 
@@ -188,8 +189,7 @@ def plots(rows: list[dict], out: str, scaling_sets: list[str], default_branches:
     import matplotlib.pyplot as plt
 
     written = []
-    shown = PLOTTED
-    summ = summarise([r for r in rows if r["algo"] in shown])
+    summ = summarise([r for r in rows if r["algo"] in PLOTTED])
     sets = [d for d in DATASETS if d in summ]
     if sets:  # per-dataset bars with std error bars
         fig, ax = plt.subplots(figsize=(11, 4))
@@ -199,7 +199,7 @@ def plots(rows: list[dict], out: str, scaling_sets: list[str], default_branches:
             m = [summ[d][a][0] if a in summ[d] else np.nan for d in sets]
             s = [summ[d][a][1] if a in summ[d] else 0.0 for d in sets]
             ax.bar(np.arange(len(sets)) + (i - (len(present) - 1) / 2) * w, m, w, yerr=s, capsize=2, label=a,
-                   color=f"C{shown.index(a)}")
+                   color=f"C{PLOTTED.index(a)}")
         ax.set_xticks(np.arange(len(sets)), [short(d).replace("/", "\n") for d in sets])
         ax.set_ylabel("normalised score (final policy)")
         ax.legend(ncol=len(present), fontsize=8)
@@ -216,13 +216,13 @@ def plots(rows: list[dict], out: str, scaling_sets: list[str], default_branches:
         else:  # one row, so every panel keeps its x axis
             fig, axes = plt.subplots(1, len(sets), figsize=(4.5 * len(sets), 3.6), squeeze=False)
         for ax, d in zip(axes.T.ravel(), sets):
-            for a in shown:
+            for a in present:
                 c = curves.get((d, a))
                 if not c:
                     continue
                 fracs = sorted(c)
                 ax.plot([f / 100 for f in fracs], [np.mean(c[f]) for f in fracs], marker="o", ms=3, label=a,
-                        color=f"C{shown.index(a)}")
+                        color=f"C{PLOTTED.index(a)}")
             ax.set_title(short(d), fontsize=9)
         for ax in axes.T.ravel()[len(sets):]:
             ax.set_visible(False)  # datasets without finished runs yet
@@ -320,8 +320,8 @@ def update_readme(path: str, block: str) -> None:
         f.write(head + block + tail)
 
 
-def report(out: str, profile, scaling_sets: list[str]) -> str:
-    rows = load_rows(out)
+def report(out: str, profile, scaling_sets: list[str], rows: Optional[list[dict]] = None) -> str:
+    rows = load_rows(out) if rows is None else rows
     default_branches = profile.ipd.get("augment", {}).get("n_branches", 1000)
     table, avg = main_table(rows)
     ab_labels = ["ipd"] + [f"ipd-{t}" for t in ABLATIONS]
@@ -398,9 +398,10 @@ def main() -> None:
                 jobs.append(j)
         run_sweep(jobs, prof, a.out, workers=a.workers, dataset_root=os.path.abspath(a.minari_path),
                   ray_address=a.ray_address)
-    print(report(a.out, prof, a.scaling_datasets))
+    rows = load_rows(a.out)
+    print(report(a.out, prof, a.scaling_datasets, rows))
     if a.readme:
-        update_readme(a.readme, readme_block(load_rows(a.out), prof))
+        update_readme(a.readme, readme_block(rows, prof))
 
 
 if __name__ == "__main__":

@@ -469,17 +469,21 @@ def run_sweep(jobs: list[dict], profile: Profile, out_dir: str, workers: int = 2
         pre = {pool.submit(_prefit_job, j["dataset"], j["seed"], profile, out_dir, j.get("ipd_overrides"),
                            dataset_root): _stages_key(j, profile)
                for j in _prefits_needed(jobs, profile, out_dir)}
+        # IPD jobs grouped by the stages 1-2 they share, so each prefit's completion queues its own runs at once
+        ipd_by_stages: dict = {}
+        for j in jobs:
+            if j["algo"] == "ipd":
+                ipd_by_stages.setdefault(_stages_key(j, profile), []).append(j)
 
         def submit(j):
             return pool.submit(run_one, j["algo"], j["dataset"], j["seed"], profile, out_dir, j.get("tag", ""),
                                j.get("ipd_overrides"), dataset_root)
 
         futs = {submit(j): j for j in jobs if j["algo"] != "ipd"}  # baselines queue behind the prefits
-        ipd_jobs = [j for j in jobs if j["algo"] == "ipd"]
         # each IPD run is queued as soon as its own stages 1-2 are fitted, not after every prefit of the sweep
         for fut in tqdm(as_completed(pre), total=len(pre), desc="value + world model", disable=not show_progress):
             fut.result()
-            futs.update({submit(j): j for j in ipd_jobs if _stages_key(j, profile) == pre[fut]})
+            futs.update({submit(j): j for j in ipd_by_stages.pop(pre[fut], [])})
         for fut in tqdm(as_completed(futs), total=len(futs), desc="runs", disable=not show_progress):
             row = fut.result()
             rows.append(row)
