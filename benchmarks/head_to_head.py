@@ -62,6 +62,10 @@ DIAGNOSTICS = {
     # DT's token layout: g_t, s_t, a_t as three tokens instead of (g_t + s_t), a_t -- does IPD's two-token layout
     # learn slower on mixed-quality data (halfcheetah full-replay learning curves lag DT's)?
     "dt-layout": {"transformer": {"tokens_per_step": 3}},
+    # the token model floored at the 0.95 quantile of its g(s) over the dataset's states: near the states where the
+    # data's episodes end (a hopper about to fall) g(s) drops and the policy copies those episodes; a DT target never
+    # drops like that. Inference only: the transformer is the `ipd` run's own
+    "token-floor-0.95": {"transformer": {"token_floor": 0.95}},
 }
 VARIANTS = {**ABLATIONS, **DIAGNOSTICS}
 SCALES = [0.25, 0.5, 2.0]  # 0 is the no-augment ablation and 1 the default run, both shared with the other parts

@@ -5,7 +5,8 @@ the return token g_t the policy conditioned on, the torso pitch, the forward vel
 step at which the body stopped moving for good (forward speed under 0.1 from there to the end, at least the last 50
 steps), if it did.
 With ``--constant-tokens`` it also evaluates the same transformer with a fixed, state-independent token, to show
-whether the failure is in the token or in the policy.
+whether the failure is in the token or in the policy. With ``--floor-quantiles`` it evaluates the same transformer
+with the token model floored at those quantiles of its g(s) over the dataset's states (``transformer.token_floor``).
 
     python benchmarks/trace_episode.py \\
         --model benchmarks/results/head_to_head/models/d4rlstyle__halfcheetah__full-replay-v0/ipd_seed0.d3 \\
@@ -79,7 +80,9 @@ def main() -> None:
     p.add_argument("--minari-path", default="../shared/datasets")
     p.add_argument("--episodes", type=int, default=3, help="traced episodes (the benchmark's first ones)")
     p.add_argument("--constant-tokens", type=float, nargs="*", default=[], help="fixed tokens to evaluate as well")
-    p.add_argument("--eval-episodes", type=int, default=10, help="episodes per constant token")
+    p.add_argument("--floor-quantiles", type=float, nargs="*", default=[],
+                   help="token-model floors to evaluate as well (quantiles of g(s) over the dataset's states)")
+    p.add_argument("--eval-episodes", type=int, default=10, help="episodes per constant token or floor")
     p.add_argument("--out", default=None, help="JSON file for the results")
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -99,7 +102,7 @@ def main() -> None:
         data_tokens = algo.return_token(torch.from_numpy(traj.observations)).numpy()
     out: dict = {"model": a.model, "dataset": a.dataset, "seed": seed,
                  "model_token_over_data_quantiles": {q: float(np.quantile(data_tokens, q)) for q in (0.05, 0.5, 0.95)},
-                 "episodes": trace(algo, env, a.episodes, seed, idx), "constant_tokens": {}}
+                 "episodes": trace(algo, env, a.episodes, seed, idx), "constant_tokens": {}, "token_floors": {}}
     stuck = [e for e in out["episodes"] if e["stuck_from_step"] is not None]
     if stuck:  # how often does the data visit the pose the policy got stuck in, and does it run again from there?
         pitch, vel = traj.observations[:, idx[0]], traj.observations[:, idx[1]]
@@ -115,6 +118,15 @@ def main() -> None:
                                      "episodes": int(len(eps)), "episodes_running_again": ran_again}
         print(f"the stuck pose (pitch {target:.2f}, speed ~0) in the data: {int(near.sum())} of {len(near)} rows, "
               f"{len(eps)} episodes, {ran_again} of which run again afterwards", flush=True)
+    from ipd_agent.transformer import set_token_floor
+
+    for q in a.floor_quantiles:  # before the constant tokens, which replace the token module
+        floor = set_token_floor(algo.impl.token, traj.observations, q)
+        scores = [normalized_score(r, ref) for r in evaluate(algo, env, a.eval_episodes, seed)]
+        out["token_floors"][str(q)] = {"floor": floor, "normalized_score": float(np.mean(scores)),
+                                       "std": float(np.std(scores))}
+        print(f"token floor at quantile {q:g} ({floor:.1f}): {np.mean(scores):.1f} ± {np.std(scores):.1f}", flush=True)
+    set_token_floor(algo.impl.token, traj.observations, algo.config.transformer.token_floor)  # the model's own
     for c in a.constant_tokens:
         algo.return_token_module = lambda m=ConstantToken(c): m  # this process only: the saved model is untouched
         scores = [normalized_score(r, ref) for r in evaluate(algo, env, a.eval_episodes, seed)]

@@ -38,6 +38,7 @@ from .data import DatasetError, Trajectories, check_unit_box, to_trajectories
 from .planner import MPCPlanner
 from .policy import IPDPolicy, StatefulIPDWrapper
 from .transformer import (RTG_RELABELS, CausalTransformer, ReturnTokenModel, WindowSampler, fit_return_token_model,
+                          set_token_floor,
                           WeightAverage, lr_lambda, taught_rows, value_guided_loss, value_returns_to_go)
 from .value import ValueFunctions, fit_value_functions, make_iql
 from .world_model import WorldModel, fit_world_model
@@ -100,6 +101,11 @@ class IPDConfig(TransformerConfig):
             if getattr(self.transformer, field) not in allowed:  # caught here, not after hours of fitting
                 raise ValueError(f"transformer.{field} must be one of {allowed}, got "
                                  f"{getattr(self.transformer, field)!r}")
+        floor = self.transformer.token_floor
+        if floor is not None and not (0.0 <= floor <= 1.0 and self.transformer.return_token == "upper"):
+            raise ValueError(f"transformer.token_floor is a quantile in [0, 1] of the token model's g(s) over the data "
+                             f"(return_token='upper'), or None; got {floor!r} with return_token="
+                             f"{self.transformer.return_token!r}")
         if not 0.0 <= self.transformer.ema_decay < 1.0:
             raise ValueError(f"transformer.ema_decay must be in [0, 1) (0 deploys the last iterate), got "
                              f"{self.transformer.ema_decay}")
@@ -403,7 +409,9 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         t0 = time.perf_counter()
         loss = fit_return_token_model(impl.token, traj.observations[learn], rtg[learn], tcfg.token_expectile,
                                       tcfg.token_steps, seed=cfg.seed + 3)
-        self.stage_metrics["return_token"] = {"loss": loss, "seconds": time.perf_counter() - t0}
+        data_rows = traj.episode_ids < aug.n_real_episodes  # the dataset's own states, once each
+        floor = set_token_floor(impl.token, traj.observations[data_rows], tcfg.token_floor)
+        self.stage_metrics["return_token"] = {"loss": loss, "seconds": time.perf_counter() - t0, "floor": floor}
         return self.stage_metrics["return_token"]
 
     def _reset_transformer(self) -> None:

@@ -7,6 +7,7 @@ through JSON and ``d3rlpy.load_learnable``.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 
@@ -99,6 +100,9 @@ class TransformerNetConfig(SerializableConfig):
     return_token: str = "upper"  # inference token: "upper" = token model below; "value" = V(s) (DESIGN §2.6, ablation)
     token_expectile: float = 0.9  # "upper": expectile of the training tokens given s that the token model fits
     token_steps: int = 3000  # "upper": gradient steps of the token model (a 2x256 MLP, seconds on CPU)
+    # "upper": deploy max(g(s), this quantile of g(s) over the data's states), so the token never asks for less than
+    # the data's better states can earn; None keeps g(s). Set when the token model is fitted, saved with it
+    token_floor: Optional[float] = None
     imagined_ratio: float = 0.5  # share of each batch drawn from imagined episodes (when any exist)
     bf16: bool = True  # bf16 autocast in training where the CPU has native bf16 (AVX512-BF16/AMX); fp32 elsewhere
 

@@ -28,7 +28,7 @@ from .config import TransformerNetConfig
 from .data import Trajectories
 
 __all__ = ["value_returns_to_go", "taught_rows", "WindowSampler", "CausalTransformer", "value_guided_loss", "ReturnTokenModel",
-           "fit_return_token_model", "WeightAverage"]
+           "fit_return_token_model", "set_token_floor", "WeightAverage"]
 
 
 RTG_RELABELS = ("max", "mc", "one_step")  # the return-token relabels value_returns_to_go knows (config checks these)
@@ -217,11 +217,18 @@ class ReturnTokenModel(nn.Module):
         self.register_buffer("g_mean", torch.zeros(()))
         self.register_buffer("g_std", torch.ones(()))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        # lowest token deployed (``transformer.token_floor``); -inf: none
+        self.register_buffer("floor", torch.tensor(float("-inf")))
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         """obs [..., obs_dim] -> token [...]."""
         z = self.net((obs - self.obs_mean) / self.obs_std).squeeze(-1)
-        return z * self.g_std + self.g_mean
+        return torch.maximum(z * self.g_std + self.g_mean, self.floor)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # models saved before the floor existed load with none
+        state_dict.setdefault(prefix + "floor", torch.tensor(float("-inf")))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def fit_return_token_model(model: ReturnTokenModel, obs: np.ndarray, g: np.ndarray, expectile: float,
@@ -260,7 +267,26 @@ def fit_return_token_model(model: ReturnTokenModel, obs: np.ndarray, g: np.ndarr
         sched.step()
     model.eval()
     model.fitted.fill_(True)
+    model.floor.fill_(float("-inf"))  # a refit token model starts without one: set_token_floor sets it
     return float(loss.detach())
+
+
+@torch.no_grad()
+def set_token_floor(model: ReturnTokenModel, obs: np.ndarray, quantile: Optional[float]) -> Optional[float]:
+    """Sets the token model's floor to the ``quantile`` of its own g(s) over ``obs`` (the data's states); None
+    removes it. Returns the floor.
+
+    Why: g(s) follows the data, and near the states where the data's episodes ended (a hopper about to fall) it asks
+    for the little those episodes earned, and the transformer copies them. A DT target never drops like that. The
+    floor keeps asking for at least what the data's better states can earn."""
+    model.floor.fill_(float("-inf"))
+    if quantile is None:
+        return None
+    if not model.fitted:
+        raise RuntimeError("set_token_floor needs a fitted token model (fit_return_token_model first).")
+    g = model(torch.from_numpy(np.asarray(obs, np.float32))).numpy()
+    model.floor.fill_(float(np.quantile(g, quantile)))
+    return float(model.floor)
 
 
 class WeightAverage:

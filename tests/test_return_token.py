@@ -164,3 +164,50 @@ def test_a_fresh_policy_gets_its_own_token_model_not_one_left_by_an_earlier_fit(
     assert not torch.allclose(used, prefit)
     assert torch.allclose(used, direct)
     assert float(used.mean()) > float(prefit.mean())  # the 0.99 expectile sits above the 0.5 one
+
+
+def test_token_floor_lifts_low_tokens_to_a_quantile_of_the_data_and_travels_with_the_model(loaded_copy, fitted,
+                                                                                           tmp_path):
+    """``transformer.token_floor=q`` deploys max(g(s), the q-quantile of g over the data's states): the same token
+    model everywhere above the floor, the floor below it, in predict, the stateful wrapper, save/load and export."""
+    algo = loaded_copy
+    aug = algo.augment(fitted.traj, show_progress=False)
+    o = torch.from_numpy(fitted.traj.observations)
+    algo.fit_return_token(aug)
+    assert algo.stage_metrics["return_token"]["floor"] is None
+    g = algo.return_token(o).numpy()
+    algo.config.transformer.token_floor = 0.75
+    floor = algo.fit_return_token(aug)["floor"]  # same seed: the same token model, now floored
+    assert floor == pytest.approx(float(np.quantile(g, 0.75)), rel=1e-5)
+    floored = algo.return_token(o).numpy()
+    np.testing.assert_allclose(floored, np.maximum(g, floor), rtol=1e-6)
+    assert 0.7 < float((floored > g).mean()) < 0.8  # about the lowest three quarters were lifted
+    w = algo.as_stateful_wrapper()
+    w.predict(fitted.traj.observations[0], 0.0)
+    assert float(w._ctx.rtg[0, 0]) == pytest.approx(float(floored[0]), rel=1e-6)
+    path = str(tmp_path / "floored.d3")
+    algo.save(path)
+    again = load_ipd(path)
+    assert again.config.transformer.token_floor == 0.75
+    assert float(again.impl.token.floor) == pytest.approx(floor)
+    obs = fitted.traj.observations[:32]
+    np.testing.assert_allclose(again.predict(obs), algo.predict(obs), atol=1e-6)
+    algo.save_policy(str(tmp_path / "p.pt"))
+    mod = torch.jit.load(str(tmp_path / "p.pt"))
+    k = algo.config.context_size
+    a_exp = mod(o[:k], torch.zeros(k, algo.impl.action_size)).detach().numpy()
+    ref = algo.impl.transformer(o[None, :k], torch.zeros(1, k, algo.impl.action_size),
+                                torch.from_numpy(floored[None, :k]))[0, -1]
+    np.testing.assert_allclose(a_exp, ref.detach().numpy(), atol=1e-5)
+    algo.config.transformer.token_floor = None  # and off again: the plain token model
+    algo.fit_return_token(aug)
+    np.testing.assert_allclose(algo.return_token(o).numpy(), g, rtol=1e-6)
+
+
+@pytest.mark.parametrize("settings", [{"token_floor": 1.5}, {"token_floor": -0.1},
+                                      {"token_floor": 0.9, "return_token": "value"}])
+def test_a_bad_token_floor_is_rejected_when_the_config_is_made(settings):
+    from ipd_agent import IPDConfig
+
+    with pytest.raises(ValueError, match="token_floor"):
+        IPDConfig(transformer=settings)
