@@ -175,15 +175,19 @@ def scaling_points(rows: list[dict], dataset: str, default_branches: int) -> lis
              float(np.std([x[1] for x in v])), len(v)) for nb, v in sorted(by.items())]
 
 
-# the six algorithms, and an opt-in diagnostic where its rows are in the folder (not the ablations: they have their
-# own table); the index fixes each label's colour
+# the six algorithms, and an opt-in diagnostic where its rows are in a folder without baselines (not the ablations:
+# they have their own table); the index fixes each label's colour
 PLOTTED = ALGOS + [f"ipd-{t}" for t in DIAGNOSTICS]
 
 
 def plotted_labels(rows: list[dict]) -> list[str]:
-    """The labels the bar chart and the learning curves draw, in legend order: those of PLOTTED with rows here."""
+    """The labels the bar chart and the learning curves draw, in legend order: those of PLOTTED with rows here.
+
+    A folder with baseline rows is a main table: it draws the six algorithms only, so a diagnostic run there (not the
+    profile) never sits among them on the front page; diagnostics are drawn in folders of IPD rows alone."""
     have = {r["algo"] for r in rows}
-    return [a for a in PLOTTED if a in have]
+    shown = ALGOS if have & set(ALGOS[1:]) else PLOTTED
+    return [a for a in shown if a in have]
 
 
 def plots(rows: list[dict], out: str, scaling_sets: list[str], default_branches: int) -> list[str]:

@@ -133,13 +133,20 @@ def _benchmark_script(name: str):
     return mod
 
 
-def test_plots_draw_the_algorithms_and_diagnostics_present_but_not_ablations(tmp_path):
+def test_plots_draw_diagnostics_beside_ipd_but_only_the_six_algorithms_in_a_main_table(tmp_path):
     mod = _benchmark_script("head_to_head")
     ds = "d4rlstyle/halfcheetah/full-replay-v0"
-    rows = [{"algo": a, "dataset": ds, "seed": s, "normalized_score": 10.0 + s, "gradient_steps": 100,
-             "learning_curve": [{"step": 50, "normalized_score": 5.0}, {"step": 100, "normalized_score": 10.0 + s}]}
-            for a in ("ipd-dt-layout", "ipd-no-augment", "dt", "ipd") for s in (0, 1)]
-    assert mod.plotted_labels(rows) == ["ipd", "dt", "ipd-dt-layout"]
+
+    def rows_of(*algos):
+        return [{"algo": a, "dataset": ds, "seed": s, "normalized_score": 10.0 + s, "gradient_steps": 100,
+                 "learning_curve": [{"step": 50, "normalized_score": 5.0}, {"step": 100, "normalized_score": 10.0 + s}]}
+                for a in algos for s in (0, 1)]
+
+    # a diagnostics folder (IPD rows only): the diagnostic is drawn, the ablation is not (it has its own table)
+    assert mod.plotted_labels(rows_of("ipd-dt-layout", "ipd-no-augment", "ipd")) == ["ipd", "ipd-dt-layout"]
+    # a main table: a diagnostic's rows in the same folder stay off the front-page plots
+    rows = rows_of("ipd-dt-layout", "ipd-no-augment", "dt", "ipd")
+    assert mod.plotted_labels(rows) == ["ipd", "dt"]
     assert mod.plots(rows, str(tmp_path), [], 1000) == ["bars.png", "curves.png"]
 
 
