@@ -213,3 +213,21 @@ def test_readme_main_table_is_the_committed_rows(tmp_path):
     copy.write_text(readme.replace("| **mean over 6** |", "| **mean over six** |", 1))
     mod.update_readme(str(copy), block)
     assert copy.read_text() == readme
+
+
+def test_model_select_floor_imagines_each_start_state_as_if_it_were_alone(loaded_copy, fitted):
+    """benchmarks/model_select_floor.py rolls the deployed policy out in its world model for a batch of start states:
+    with the elites' mean dynamics the batch must give each start what a rollout from it alone gives, including where
+    a rollout stops at a predicted terminal, and it must not touch the environment or the saved model."""
+    import numpy as np
+
+    mod = _benchmark_script("model_select_floor")
+    starts = fitted.traj.observations[fitted.traj.episode_starts[:4]]
+    batch = mod.imagine(loaded_copy, starts, horizon=25, sample=False, seed=0)
+    alone = [mod.imagine(loaded_copy, starts[i:i + 1], horizon=25, sample=False, seed=0) for i in range(4)]
+    assert batch["return"] == pytest.approx(np.mean([a["return"] for a in alone]), rel=1e-4, abs=1e-4)
+    assert batch["length"] == pytest.approx(np.mean([a["length"] for a in alone]))
+    lengths = [a["length"] for a in alone]
+    assert min(lengths) >= 1 and max(lengths) <= 25
+    assert min(lengths) < 25  # random-policy hopper data: some rollout stops at a predicted fall before the horizon
+    assert np.isfinite([batch["return"], batch["return_trusted"]]).all()
