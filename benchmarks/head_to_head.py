@@ -186,7 +186,7 @@ def plotted_labels(rows: list[dict]) -> list[str]:
     A folder with baseline rows is a main table: it draws the six algorithms only, so a diagnostic run there (not the
     profile) never sits among them on the front page; diagnostics are drawn in folders of IPD rows alone."""
     have = {r["algo"] for r in rows}
-    shown = ALGOS if have & set(ALGOS[1:]) else PLOTTED
+    shown = ALGOS if have & (set(ALGOS) - {"ipd"}) else PLOTTED
     return [a for a in shown if a in have]
 
 

@@ -218,9 +218,7 @@ def test_readme_main_table_is_the_committed_rows(tmp_path):
 def test_model_select_floor_imagines_each_start_state_as_if_it_were_alone(loaded_copy, fitted):
     """benchmarks/model_select_floor.py rolls the deployed policy out in its world model for a batch of start states:
     with the elites' mean dynamics the batch must give each start what a rollout from it alone gives, including where
-    a rollout stops at a predicted terminal, and it must not touch the environment or the saved model."""
-    import numpy as np
-
+    a rollout stops at a predicted terminal."""
     mod = _benchmark_script("model_select_floor")
     starts = fitted.traj.observations[fitted.traj.episode_starts[:4]]
     batch = mod.imagine(loaded_copy, starts, horizon=25, sample=False, seed=0)
