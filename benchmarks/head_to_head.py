@@ -66,6 +66,9 @@ DIAGNOSTICS = {
     # data's episodes end (a hopper about to fall) g(s) drops and the policy copies those episodes; a DT target never
     # drops like that. Inference only: the transformer is the `ipd` run's own
     "token-floor-0.95": {"transformer": {"token_floor": 0.95}},
+    # the running maximum of g(s) within each episode: the ask never drops (the hopper's pre-fall drop), but the
+    # first steps keep g(s_0), unlike the floor that tipped the cheetah. Inference only: the `ipd` run's transformer
+    "token-ratchet": {"transformer": {"token_ratchet": True}},
 }
 VARIANTS = {**ABLATIONS, **DIAGNOSTICS}
 SCALES = [0.25, 0.5, 2.0]  # 0 is the no-augment ablation and 1 the default run, both shared with the other parts

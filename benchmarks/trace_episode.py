@@ -6,7 +6,8 @@ step at which the body stopped moving for good (forward speed under 0.1 from the
 steps), if it did.
 With ``--constant-tokens`` it also evaluates the same transformer with a fixed, state-independent token, to show
 whether the failure is in the token or in the policy. With ``--floor-quantiles`` it evaluates the same transformer
-with the token model floored at those quantiles of its g(s) over the dataset's states (``transformer.token_floor``).
+with the token model floored at those quantiles of its g(s) over the dataset's states (``transformer.token_floor``);
+with ``--ratchet``, with the running maximum of its token within each episode (``transformer.token_ratchet``).
 
     python benchmarks/trace_episode.py \\
         --model benchmarks/results/head_to_head/models/d4rlstyle__halfcheetah__full-replay-v0/ipd_seed0.d3 \\
@@ -82,6 +83,8 @@ def main() -> None:
     p.add_argument("--constant-tokens", type=float, nargs="*", default=[], help="fixed tokens to evaluate as well")
     p.add_argument("--floor-quantiles", type=float, nargs="*", default=[],
                    help="token-model floors to evaluate as well (quantiles of g(s) over the dataset's states)")
+    p.add_argument("--ratchet", action="store_true",
+                   help="also evaluate (and trace) the running maximum of the token within each episode")
     p.add_argument("--eval-episodes", type=int, default=10, help="episodes per constant token or floor")
     p.add_argument("--out", default=None, help="JSON file for the results")
     a = p.parse_args()
@@ -127,6 +130,13 @@ def main() -> None:
                                        "std": float(np.std(scores))}
         print(f"token floor at quantile {q:g} ({floor:.1f}): {np.mean(scores):.1f} ± {np.std(scores):.1f}", flush=True)
     set_token_floor(algo.impl.token, traj.observations, algo.config.transformer.token_floor)  # the model's own
+    if a.ratchet:  # the running maximum of g within each episode (transformer.token_ratchet), then the model's own
+        own, algo.config.transformer.token_ratchet = algo.config.transformer.token_ratchet, True
+        scores = [normalized_score(r, ref) for r in evaluate(algo, env, a.eval_episodes, seed)]
+        out["token_ratchet"] = {"normalized_score": float(np.mean(scores)), "std": float(np.std(scores)),
+                                "episodes": trace(algo, env, a.episodes, seed, idx)}
+        print(f"token ratchet: {np.mean(scores):.1f} ± {np.std(scores):.1f}", flush=True)
+        algo.config.transformer.token_ratchet = own
     for c in a.constant_tokens:
         algo.return_token_module = lambda m=ConstantToken(c): m  # this process only: the saved model is untouched
         scores = [normalized_score(r, ref) for r in evaluate(algo, env, a.eval_episodes, seed)]

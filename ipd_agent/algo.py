@@ -106,6 +106,10 @@ class IPDConfig(TransformerConfig):
             raise ValueError(f"transformer.token_floor is a quantile in [0, 1] of the token model's g(s) over the data "
                              f"(return_token='upper'), or None; got {floor!r} with return_token="
                              f"{self.transformer.return_token!r}")
+        if self.transformer.token_ratchet and self.transformer.return_token != "upper":
+            raise ValueError("transformer.token_ratchet holds the running maximum of the token model's g(s) "
+                             "(return_token='upper'); got return_token="
+                             f"{self.transformer.return_token!r}. Set token_ratchet=False or return_token='upper'.")
         if not 0.0 <= self.transformer.ema_decay < 1.0:
             raise ValueError(f"transformer.ema_decay must be in [0, 1) (0 deploys the last iterate), got "
                              f"{self.transformer.ema_decay}")
@@ -704,6 +708,11 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         """
         if self._impl is None:
             raise RuntimeError("The model is not built: call fit() or d3rlpy.load_learnable() first.")
+        if self._config.transformer.token_ratchet:  # before any file is written
+            raise ValueError("save_policy exports one step as a function of the context window, but "
+                             "transformer.token_ratchet needs the whole episode's tokens. Set "
+                             "algo.config.transformer.token_ratchet = False to export (the token is then g(s_t)), "
+                             "or deploy with IPDPolicy / as_stateful_wrapper, which keep the episode's state.")
         from .policy import ExportablePolicy
 
         module = ExportablePolicy(self._impl.transformer, self.return_token_module()).eval()

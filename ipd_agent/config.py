@@ -103,6 +103,10 @@ class TransformerNetConfig(SerializableConfig):
     # "upper": deploy max(g(s), this quantile of g(s) over the data's states), so the token never asks for less than
     # the data's better states can earn; None keeps g(s). Set when the token model is fitted, saved with it
     token_floor: Optional[float] = None
+    # "upper": deploy the running maximum of g(s) within each episode, so the ask never drops below what the policy
+    # already asked for (hopper medium-replay: g(s) falls from ~300 to ~110 just before the falls it then copies);
+    # unlike the floor, the first steps keep g(s_0). Inference only; stateful, so not in ``save_policy`` exports
+    token_ratchet: bool = False
     imagined_ratio: float = 0.5  # share of each batch drawn from imagined episodes (when any exist)
     bf16: bool = True  # bf16 autocast in training where the CPU has native bf16 (AVX512-BF16/AMX); fp32 elsewhere
 

@@ -38,6 +38,8 @@ class TransformerContext:
         impl.modules.set_eval()  # deployment: no dropout
         self.net, self.gamma = impl.transformer, algo.config.gamma
         self.token = algo.return_token_module() if rtg_mode == "value" else None  # V(s) or the token model
+        # transformer.token_ratchet: g_t = max(g(s_t), g_{t-1}) within an episode
+        self.ratchet = rtg_mode == "value" and bool(getattr(algo.config.transformer, "token_ratchet", False))
         self.k, self.obs_dim, self.act_dim = algo.config.context_size, impl.observation_shape[0], impl.action_size
         self.rtg_mode, self.target_return, self.n_envs = rtg_mode, target_return, n_envs
         self.reset()
@@ -50,10 +52,12 @@ class TransformerContext:
             self.rtg = torch.zeros(self.n_envs, self.k)
             self.length = torch.zeros(self.n_envs, dtype=torch.long)
             self.remaining = torch.full((self.n_envs,), float(self.target_return or 0.0))
+            self.peak = torch.full((self.n_envs,), float("-inf"))  # highest token asked so far (ratchet)
             return
         w = torch.as_tensor(np.asarray(which, dtype=bool))
         self.obs[w], self.act[w], self.rtg[w], self.length[w] = 0.0, 0.0, 0.0, 0
         self.remaining[w] = float(self.target_return or 0.0)
+        self.peak[w] = float("-inf")
 
     @torch.no_grad()
     def step(self, obs: np.ndarray, last_reward: Optional[np.ndarray] = None) -> np.ndarray:
@@ -75,7 +79,13 @@ class TransformerContext:
         rows = torch.arange(self.n_envs)
         self.obs[rows, slot] = o
         self.act[rows, slot] = 0.0  # a_t is what we predict; causal attention never lets s_t see it anyway
-        self.rtg[rows, slot] = self.token(o) if self.rtg_mode == "value" else self.remaining
+        if self.rtg_mode == "value":
+            g = self.token(o)
+            if self.ratchet:
+                g = self.peak = torch.maximum(g, self.peak)
+            self.rtg[rows, slot] = g
+        else:
+            self.rtg[rows, slot] = self.remaining
         self.length = torch.clamp(self.length + 1, max=self.k)
         pred = self.net(self.obs, self.act, self.rtg)[rows, slot]  # right padding follows, causal: no effect
         self.act[rows, slot] = pred

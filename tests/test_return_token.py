@@ -211,3 +211,50 @@ def test_a_bad_token_floor_is_rejected_when_the_config_is_made(settings):
 
     with pytest.raises(ValueError, match="token_floor"):
         IPDConfig(transformer=settings)
+
+
+def test_token_ratchet_deploys_the_running_maximum_of_g_within_each_episode(loaded_copy, fitted, tmp_path):
+    """``transformer.token_ratchet`` conditions step t on max(g(s_0), ..., g(s_t)): the plain token model at the first
+    step and wherever g rises, the highest token so far wherever it falls; per environment, restarted with the
+    episode, saved with the model, and refused by the stateless export with a message that says what to do."""
+    from ipd_agent import IPDPolicy
+
+    algo = loaded_copy
+    k = algo.config.context_size
+    obs = fitted.traj.observations[:k]
+    with torch.no_grad():
+        g = algo.return_token(torch.from_numpy(obs)).numpy()
+    assert np.any(np.diff(g) < 0)  # the sequence has drops for the ratchet to hold
+    plain = algo.as_stateful_wrapper()
+    for x in obs:
+        plain.predict(x, 0.0)
+    np.testing.assert_allclose(plain._ctx.rtg[0].numpy(), g, rtol=1e-6)  # off by default
+    algo.config.transformer.token_ratchet = True
+    w = algo.as_stateful_wrapper()
+    for x in obs:
+        w.predict(x, 0.0)
+    np.testing.assert_allclose(w._ctx.rtg[0].numpy(), np.maximum.accumulate(g), rtol=1e-6)
+    w.reset()  # a new episode starts from its own first token
+    w.predict(obs[-1], 0.0)
+    assert float(w._ctx.rtg[0, 0]) == pytest.approx(float(g[-1]), rel=1e-6)
+    # two environments in one batch: each keeps its own maximum; episode_start restarts only its own
+    pol = IPDPolicy(algo)
+    hi, lo = int(np.argmax(g)), int(np.argmin(g))
+    pol.predict(obs[[hi, hi]], episode_start=np.array([True, True]))
+    pol.predict(obs[[lo, lo]], episode_start=np.array([False, True]))
+    assert float(pol._ctx.rtg[0, 1]) == pytest.approx(float(g[hi]), rel=1e-6)  # held at its first step's token
+    assert float(pol._ctx.rtg[1, 0]) == pytest.approx(float(g[lo]), rel=1e-6)  # a new episode: its own token
+    path = str(tmp_path / "ratchet.d3")
+    algo.save(path)
+    assert load_ipd(path).config.transformer.token_ratchet is True
+    with pytest.raises(ValueError, match="token_ratchet = False"):
+        algo.save_policy(str(tmp_path / "p.pt"))
+    assert not (tmp_path / "p.pt").exists()
+    algo.config.transformer.token_ratchet = False
+
+
+def test_a_token_ratchet_without_the_token_model_is_rejected_when_the_config_is_made():
+    from ipd_agent import IPDConfig
+
+    with pytest.raises(ValueError, match="token_ratchet"):
+        IPDConfig(transformer={"token_ratchet": True, "return_token": "value"})
