@@ -82,7 +82,26 @@ def versions() -> dict:
             "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
             # whether IPD's transformer trains under bf16 autocast here (TransformerNetConfig.bf16 applies only where
             # the CPU has native bf16): runs on machines that differ here differ in training precision
-            "cpu_bf16": native_cpu_bf16()}
+            "cpu_bf16": native_cpu_bf16(), "cpu": _cpu_signature()}
+
+
+def _cpu_signature() -> str:
+    """torch's kernel tier and the vector extensions that change which float kernels run. Stages fitted on CPUs that
+    differ here can differ in the last bits (and, through the augmentation threshold, in every later number), so a
+    re-run on another machine reproduces a row within seed noise, not to the last digit."""
+    import torch
+
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:  # not Linux: the kernel tier alone
+        pass
+    isa = [x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if x in flags]
+    return "+".join([torch.backends.cpu.get_cpu_capability()] + isa)
 
 
 def make_ipd_config(profile: Profile, seed: int, overrides: Optional[dict] = None):

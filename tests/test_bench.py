@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from ipd_agent.bench import Profile, markdown_table, run_sweep
 from ipd_agent.config import native_cpu_bf16
@@ -35,6 +36,7 @@ def test_sweep_rows_curves_and_resume(hopper_episodes, tmp_path):
         assert len(r["returns"]) == PROFILE.eval_episodes and r["peak_rss_mib"] > 0
         assert r["versions"]["d3rlpy"] and r["config"] and r["profile"]["q_steps"] == 200
         assert r["versions"]["cpu_bf16"] == native_cpu_bf16()  # the precision the transformer trained in
+        assert r["versions"]["cpu"].split("+")[0] == torch.backends.cpu.get_cpu_capability()  # the kernel tier
     assert by_algo["bc"]["gradient_steps"] == 200 and by_algo["ipd"]["gradient_steps"] == 40
     assert set(by_algo["ipd"]["stage_times_s"]) == {"value", "world_model", "augment", "transformer"}
     assert by_algo["ipd"]["augmentation"]["n_branches"] > 0
