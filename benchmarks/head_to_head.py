@@ -75,7 +75,7 @@ SCALES = [0.25, 0.5, 2.0]  # 0 is the no-augment ablation and 1 the default run,
 
 
 def jobs_for(part: str, seeds: list[int], profile, ablation_sets: list[str], scaling_sets: list[str],
-             ablations: list[str] | None = None) -> list[dict]:
+             ablations: list[str] | None = None, scales: list[float] | None = None) -> list[dict]:
     if part == "main":
         # seed-major, so an interrupted sweep leaves whole seeds finished
         return [{"algo": a, "dataset": d, "seed": s} for s in seeds for d in DATASETS for a in ALGOS]
@@ -87,7 +87,7 @@ def jobs_for(part: str, seeds: list[int], profile, ablation_sets: list[str], sca
         base = profile.ipd.get("augment", {}).get("n_branches", 1000)
         return [{"algo": "ipd", "tag": f"branches-{round(base * f)}",
                  "ipd_overrides": {"augment": {"n_branches": round(base * f)}}, "dataset": d, "seed": s}
-                for s in seeds for d in scaling_sets for f in SCALES]
+                for s in seeds for d in scaling_sets for f in (SCALES if scales is None else scales)]
     raise ValueError(part)
 
 
@@ -394,6 +394,8 @@ def main() -> None:
                    help="run only these ablations; diagnostics (" + ", ".join(DIAGNOSTICS) + ") run only when named")
     p.add_argument("--ablation-datasets", nargs="+", default=MEDIUM_REPLAY)
     p.add_argument("--scaling-datasets", nargs="+", default=[MEDIUM_REPLAY[0]])
+    p.add_argument("--scales", type=float, nargs="+", default=SCALES,
+                   help="imagined-data volumes of the scaling part, as multiples of the profile's branch points")
     p.add_argument("--workers", type=int, default=2, help="parallel runs, one torch thread each")
     p.add_argument("--ray-address", default=None, help="run on this Ray cluster instead of local processes")
     p.add_argument("--out", default="benchmarks/results/head_to_head")
@@ -404,7 +406,8 @@ def main() -> None:
     if not a.report_only:
         jobs = []
         for part in a.part:
-            for j in jobs_for(part, a.seeds, prof, a.ablation_datasets, a.scaling_datasets, a.ablations):
+            for j in jobs_for(part, a.seeds, prof, a.ablation_datasets, a.scaling_datasets, a.ablations,
+                              a.scales):
                 if part == "main" and ((a.algos and j["algo"] not in a.algos) or
                                        (a.datasets and j["dataset"] not in a.datasets)):
                     continue

@@ -152,6 +152,19 @@ def test_plots_draw_diagnostics_beside_ipd_but_only_the_six_algorithms_in_a_main
     assert mod.plots(rows, str(tmp_path), [], 1000) == ["bars.png", "curves.png"]
 
 
+def test_scaling_jobs_take_volumes_as_multiples_of_the_profile_branch_points():
+    """--scales: the scaling part's volumes; the default sweep is 0.25, 0.5 and 2 x (0 and 1 come from other parts)."""
+    from ipd_agent.bench import load_profile
+
+    mod = _benchmark_script("head_to_head")
+    prof = load_profile("cpu")  # 1,000 branch points
+    ds = "d4rlstyle/halfcheetah/full-replay-v0"
+    default = mod.jobs_for("scaling", [0], prof, [], [ds])
+    assert [j["ipd_overrides"]["augment"]["n_branches"] for j in default] == [250, 500, 2000]
+    (four,) = mod.jobs_for("scaling", [2], prof, [], [ds], scales=[4.0])
+    assert four["tag"] == "branches-4000" and four["seed"] == 2 and four["ipd_overrides"] == {"augment": {"n_branches": 4000}}
+
+
 def test_pooled_seeds_tables_every_seed_once(tmp_path):
     """benchmarks/pooled_seeds.py: seeds from two folders pooled; a seed present in both is refused, not counted twice."""
     import json
