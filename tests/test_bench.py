@@ -165,6 +165,25 @@ def test_scaling_jobs_take_volumes_as_multiples_of_the_profile_branch_points():
     assert four["tag"] == "branches-4000" and four["seed"] == 2 and four["ipd_overrides"] == {"augment": {"n_branches": 4000}}
 
 
+def test_the_transformer_budget_profile_differs_from_cpu_only_in_transformer_steps_and_reuses_its_stages():
+    """benchmarks/profiles/cpu-transformer-10k.json: twice the transformer steps, nothing else, and the same cache key
+    for stages 1-2, so its IPD runs continue the CPU profile's on the very value function and world model."""
+    import dataclasses
+    import os
+
+    from ipd_agent.bench import _prefit_key, load_profile, stage_config
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cpu = load_profile("cpu")
+    long = load_profile(os.path.join(here, "benchmarks", "profiles", "cpu-transformer-10k.json"))
+    assert long.transformer_steps == 2 * cpu.transformer_steps
+    assert dataclasses.replace(long, name=cpu.name, transformer_steps=cpu.transformer_steps) == cpu
+    ds = "d4rlstyle/hopper/medium-replay-v0"
+    for seed in (0, 1):
+        assert _prefit_key(stage_config(long, seed), ds) == _prefit_key(stage_config(cpu, seed), ds)
+    assert _prefit_key(stage_config(long, 0), ds) != _prefit_key(stage_config(long, 1), ds)
+
+
 def test_pooled_seeds_tables_every_seed_once(tmp_path):
     """benchmarks/pooled_seeds.py: seeds from two folders pooled; a seed present in both is refused, not counted twice."""
     import json
