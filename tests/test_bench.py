@@ -1,6 +1,7 @@
 """The benchmark harness: real d3rlpy baselines and IPD on one real Minari file, in worker processes."""
 from __future__ import annotations
 
+import pathlib
 import time
 
 import numpy as np
@@ -11,6 +12,8 @@ from ipd_agent.bench import Profile, markdown_table, run_sweep
 from ipd_agent.config import native_cpu_bf16
 
 from conftest import write_minari
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"  # scripts and their profiles
 
 PROFILE = Profile(
     name="test", q_steps=200, transformer_steps=40, transformer_hidden=32, transformer_layers=1, eval_episodes=2,
@@ -126,9 +129,8 @@ def test_transformer_variants_share_stages_one_and_two_whatever_runs_first(tmp_p
 def _benchmark_script(name: str):
     """A script of benchmarks/ imported as a module (the folder is not a package)."""
     import importlib.util
-    import pathlib
 
-    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    script = BENCHMARKS / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, script)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -169,13 +171,11 @@ def test_the_transformer_budget_profile_differs_from_cpu_only_in_transformer_ste
     """benchmarks/profiles/cpu-transformer-10k.json: twice the transformer steps, nothing else, and the same cache key
     for stages 1-2, so its IPD runs continue the CPU profile's on the very value function and world model."""
     import dataclasses
-    import os
 
     from ipd_agent.bench import _prefit_key, load_profile, stage_config
 
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cpu = load_profile("cpu")
-    long = load_profile(os.path.join(here, "benchmarks", "profiles", "cpu-transformer-10k.json"))
+    long = load_profile(str(BENCHMARKS / "profiles" / "cpu-transformer-10k.json"))
     assert long.transformer_steps == 2 * cpu.transformer_steps
     assert dataclasses.replace(long, name=cpu.name, transformer_steps=cpu.transformer_steps) == cpu
     ds = "d4rlstyle/hopper/medium-replay-v0"
@@ -231,13 +231,11 @@ def test_curve_table_means_each_step_share_per_label():
 def test_readme_main_table_is_the_committed_rows(tmp_path):
     """The README's main table is what `head_to_head.py --report-only --readme README.md` writes from the committed
     rows: a row added without refreshing the README (or a hand edit of the table) fails here."""
-    import pathlib
-
     from ipd_agent.bench import load_profile
 
     mod = _benchmark_script("head_to_head")
-    repo = pathlib.Path(__file__).resolve().parents[1]
-    rows = mod.load_rows(str(repo / "benchmarks" / "results" / "head_to_head"))
+    repo = BENCHMARKS.parent
+    rows = mod.load_rows(str(BENCHMARKS / "results" / "head_to_head"))
     assert {r["algo"] for r in rows} >= set(mod.ALGOS)
     block = mod.readme_block(rows, load_profile("cpu"))
     readme = (repo / "README.md").read_text()
