@@ -69,6 +69,10 @@ DIAGNOSTICS = {
     # the running maximum of g(s) within each episode: the ask never drops (the hopper's pre-fall drop), but the
     # first steps keep g(s_0), unlike the floor that tipped the cheetah. Inference only: the `ipd` run's transformer
     "token-ratchet": {"transformer": {"token_ratchet": True}},
+    # MPPI's weighted mean executed instead of its best sampled candidate: the best of 32 noisy candidates keeps their
+    # noise (14.5 % of MPC action components at the bound on hopper medium-replay, 5 % in the data and in greedy
+    # rollouts), which the transformer then imitates. Same stages, same warm-start guard; only the imagined actions
+    "mppi-mean": {"planner": {"execute": "mean"}},
 }
 VARIANTS = {**ABLATIONS, **DIAGNOSTICS}
 SCALES = [0.25, 0.5, 2.0]  # 0 is the no-augment ablation and 1 the default run, both shared with the other parts

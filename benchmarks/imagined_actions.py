@@ -6,7 +6,9 @@ trained on) and three figures are reported for the imagined actions and for the 
   saturated_fraction    fraction of components at the bound (|a| > 0.99)
   mean_abs_delta_a      mean |a_t − a_{t−1}| between consecutive steps of the same segment or episode (jerk)
 plus, for the imagined actions only, mean |a − π_IQL(s)|: how far the rollout moved from the IQL policy it started
-from (0 for greedy rollouts, which are that policy).
+from (0 for greedy rollouts, which are that policy), and the augmentation's summary (acceptance, imagined and real
+segment values). ``--execute best mean`` re-runs each model's augmentation with each MPPI output
+(``PlannerConfig.execute``) instead of the model's own, so one model shows both on the same stages.
 
     python benchmarks/imagined_actions.py --dataset d4rlstyle/hopper/medium-replay-v0 \\
         --models benchmarks/results/head_to_head/models/d4rlstyle__hopper__medium-replay-v0/ipd_seed0.d3 \\
@@ -37,6 +39,8 @@ def main() -> None:
     p.add_argument("--models", nargs="+", required=True, help="fitted IPD models (.d3) on that dataset")
     p.add_argument("--minari-path", default="../shared/datasets")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
+    p.add_argument("--execute", nargs="+", choices=["best", "mean"], default=None,
+                   help="re-run each model's augmentation with each of these MPPI outputs (default: the model's own)")
     a = p.parse_args()
     torch.set_num_threads(1)
     os.environ["MINARI_DATASETS_PATH"] = os.path.abspath(a.minari_path)
@@ -45,9 +49,13 @@ def main() -> None:
     traj, _ = load_minari(a.dataset)
     out = {"dataset": a.dataset, "data": action_stats(traj.actions, traj.episode_ids), "models": {}}
     print("data", out["data"], flush=True)
-    for path in a.models:
+    runs = [(path, ex) for path in a.models for ex in (a.execute or [None])]
+    for path, ex in runs:
         algo = load_ipd(path)
-        t = algo.augment(traj, show_progress=True).trajectories
+        if ex is not None:
+            algo.config.planner.execute = ex
+        res = algo.augment(traj, show_progress=True)
+        t = res.trajectories
         rows = np.flatnonzero(t.imagined)
         s = action_stats(t.actions[rows], t.branch_ids[rows])
         with torch.no_grad():
@@ -55,8 +63,11 @@ def main() -> None:
         s["mean_abs_a_minus_iql"] = float(np.abs(t.actions[rows] - pi).mean())
         s["imagined_transitions"] = int(len(rows))
         s["greedy"] = bool(algo.config.planner.greedy)
-        out["models"][os.path.basename(path)] = s
-        print(os.path.basename(path), s, flush=True)
+        s["execute"] = algo.config.planner.execute
+        s["augmentation"] = res.summary()
+        name = os.path.basename(path) + ("" if ex is None else f"[execute={ex}]")
+        out["models"][name] = s
+        print(name, s, flush=True)
     if a.out:
         os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
         json.dump(out, open(a.out, "w"), indent=1)

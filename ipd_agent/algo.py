@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .augment import AugmentationResult, augment, batched_values
 from .config import AugmentConfig, PlannerConfig, TransformerNetConfig, ValueConfig, WorldModelConfig, native_cpu_bf16
 from .data import DatasetError, Trajectories, check_unit_box, to_trajectories
-from .planner import MPCPlanner
+from .planner import PLANNER_EXECUTE, MPCPlanner
 from .policy import IPDPolicy, StatefulIPDWrapper
 from .transformer import (RTG_RELABELS, CausalTransformer, ReturnTokenModel, WindowSampler, fit_return_token_model,
                           set_token_floor,
@@ -110,6 +110,8 @@ class IPDConfig(TransformerConfig):
             raise ValueError("transformer.token_ratchet holds the running maximum of the token model's g(s) "
                              "(return_token='upper'); got return_token="
                              f"{self.transformer.return_token!r}. Set token_ratchet=False or return_token='upper'.")
+        if self.planner.execute not in PLANNER_EXECUTE:
+            raise ValueError(f"planner.execute must be one of {PLANNER_EXECUTE}, got {self.planner.execute!r}")
         if not 0.0 <= self.transformer.ema_decay < 1.0:
             raise ValueError(f"transformer.ema_decay must be in [0, 1) (0 deploys the last iterate), got "
                              f"{self.transformer.ema_decay}")

@@ -61,6 +61,10 @@ class PlannerConfig(SerializableConfig):
     temperature: float = 0.5  # softmax temperature on standardised candidate scores
     noise_std: float = 0.3  # exploration noise around the warm-start mean (actions are in [-1, 1])
     greedy: bool = False  # ablation: execute the IQL policy instead of MPC ("greedy augmentation")
+    # which plan's first action is executed: "best" = the highest-scoring sampled candidate; "mean" = MPPI's
+    # score-weighted mean of the last iteration's candidates (smoother actions, less of the sampling noise that the
+    # transformer then imitates). Either way the warm start is kept where it scores higher
+    execute: str = "best"
     bf16: bool = True  # score candidates in bf16 where the CPU has native bf16 (~2x; executed steps stay fp32)
 
 

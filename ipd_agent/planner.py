@@ -21,7 +21,9 @@ from .config import PlannerConfig, native_cpu_bf16
 from .value import ValueFunctions
 from .world_model import WorldModel
 
-__all__ = ["MPCPlanner"]
+__all__ = ["MPCPlanner", "PLANNER_EXECUTE"]
+
+PLANNER_EXECUTE = ("best", "mean")  # PlannerConfig.execute: the best sampled candidate, or MPPI's weighted mean
 
 
 class MPCPlanner:
@@ -74,7 +76,10 @@ class MPCPlanner:
     @torch.no_grad()
     def plan(self, obs: torch.Tensor, generator: Optional[torch.Generator] = None,
              return_info: bool = False):
-        """First action of the best plan for each start state: obs [B, o] -> [B, a].
+        """First action of the chosen plan for each start state: obs [B, o] -> [B, a].
+
+        The chosen plan is the best sampled candidate (``execute="best"``) or the MPPI mean after the last
+        iteration (``execute="mean"``), replaced by the warm start wherever that scores higher.
 
         With ``return_info`` also returns a dict with the best plan, its score and the warm start's score.
         """
@@ -104,7 +109,9 @@ class MPCPlanner:
             z = (scores - top[:, None]) / (scores.std(dim=1, keepdim=True) + 1e-6)
             w = torch.softmax(z / cfg.temperature, dim=1)
             mu = (w[:, :, None, None] * cand).sum(dim=1)
-        # final choice in fp32 between the best plan and the warm start: MPC never returns a plan that scores below
+        if cfg.execute == "mean":  # MPPI's own output: the score-weighted average of the last candidates
+            best_seq = mu
+        # final choice in fp32 between the chosen plan and the warm start: MPC never returns a plan that scores below
         # its warm start, and the reported scores are the planner's exact (fp32) scores of what it returns
         final = self.score(obs, torch.stack([best_seq, warm], dim=1))  # [B, 2]
         keep_warm = final[:, 1] > final[:, 0]

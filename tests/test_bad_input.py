@@ -249,6 +249,8 @@ def test_refitting_a_model_on_data_of_another_shape_is_rejected(loaded_copy):
 def test_unknown_config_fields_are_rejected():
     fails_fast(ValueError, r"unknown world_model config field\(s\) \['bogus'\]", IPDConfig, world_model={"bogus": 1})
     fails_fast(ValueError, r"unknown planner config field\(s\) \['n_sample'\]", IPDConfig, planner={"n_sample": 8})
+    fails_fast(ValueError, r"planner.execute must be one of \('best', 'mean'\), got 'median'", IPDConfig,
+               planner={"execute": "median"})
     # top-level keys from a JSON file or a profile get the same named error, not a bare TypeError
     fails_fast(ValueError, r"unknown IPDConfig field\(s\) \['sead'\]", IPDConfig.from_settings, {"sead": 1})
     from ipd_agent.bench import load_profile, make_ipd_config

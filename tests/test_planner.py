@@ -96,6 +96,25 @@ def test_plan_is_reproducible_with_a_seeded_generator(system):
     assert torch.equal(a1, a2)
 
 
+def test_mean_execution_keeps_the_warm_start_guard_and_clips_less_than_the_best_candidate(system):
+    traj, wm, value, _ = system
+    obs = _starts(traj)
+    plans = {}
+    for execute in ("best", "mean"):
+        planner = MPCPlanner(wm, value, PlannerConfig(n_samples=64, n_iterations=3, execute=execute), GAMMA)
+        a, info = planner.plan(obs, generator=torch.Generator().manual_seed(0), return_info=True)
+        assert torch.all(info["score"] >= info["warm_score"]), execute
+        torch.testing.assert_close(info["plan"][:, 0], a)
+        torch.testing.assert_close(planner.score(obs, info["plan"][:, None])[:, 0], info["score"])
+        plans[execute] = info
+    # same seed, same candidates: the weighted mean is not one of them, and averages out clipped noise
+    assert not torch.equal(plans["mean"]["plan"], plans["best"]["plan"])
+    at_bound = {k: float((v["plan"].abs() > 0.999).float().mean()) for k, v in plans.items()}
+    assert at_bound["mean"] < at_bound["best"], at_bound
+    # the mean still improves on the IQL warm start on average (the reward pays for a_0)
+    assert (plans["mean"]["score"] - plans["mean"]["warm_score"]).mean() > 0.05
+
+
 def test_greedy_planner_executes_the_iql_policy(system):
     traj, wm, value, _ = system
     planner = MPCPlanner(wm, value, PlannerConfig(greedy=True), GAMMA)
