@@ -184,6 +184,17 @@ def test_the_transformer_budget_profile_differs_from_cpu_only_in_transformer_ste
     assert _prefit_key(stage_config(long, 0), ds) != _prefit_key(stage_config(long, 1), ds)
 
 
+def test_planner_variants_share_the_stages_of_ipd():
+    """Variants that only change how imagined data are made (the MPPI output, greedy rollouts) reuse ipd's cached value
+    function and world model, so their rows compare with ipd's on the same stages 1-2."""
+    from ipd_agent.bench import _prefit_key, load_profile, make_ipd_config, stage_config
+
+    cpu, ds = load_profile("cpu"), "d4rlstyle/halfcheetah/full-replay-v0"
+    for overrides in ({"planner": {"execute": "mean"}}, {"planner": {"greedy": True}}):
+        assert make_ipd_config(cpu, 0, overrides).planner != make_ipd_config(cpu, 0).planner
+        assert _prefit_key(stage_config(cpu, 0, overrides), ds) == _prefit_key(stage_config(cpu, 0), ds)
+
+
 def test_pooled_seeds_tables_every_seed_once(tmp_path):
     """benchmarks/pooled_seeds.py: seeds from two folders pooled; a seed present in both is refused, not counted twice."""
     import json
