@@ -121,6 +121,8 @@ def cell(summ, d, a, best=None) -> str:
 
 def main_table(rows: list[dict]) -> tuple[str, dict]:
     summ = summarise([r for r in rows if r["algo"] in ALGOS])
+    if not summ:  # a folder of variant rows only (e.g. a diagnostic's): no table of means over no sets
+        return "(no rows of the six algorithms in this folder)", {a: None for a in ALGOS}
     lines = ["| dataset | " + " | ".join(ALGOS) + " |", "|---|" + "---|" * len(ALGOS)]
     means: dict = {a: [] for a in ALGOS}
     for d in DATASETS:

@@ -152,6 +152,9 @@ def test_plots_draw_diagnostics_beside_ipd_but_only_the_six_algorithms_in_a_main
     rows = rows_of("ipd-dt-layout", "ipd-no-augment", "dt", "ipd")
     assert mod.plotted_labels(rows) == ["ipd", "dt"]
     assert mod.plots(rows, str(tmp_path), [], 1000) == ["bars.png", "curves.png"]
+    # a folder of a diagnostic's rows only gets no table of means over no sets (it used to print "nan")
+    table, avg = mod.main_table(rows_of("ipd-mppi-mean"))
+    assert "nan" not in table and all(v is None for v in avg.values())
 
 
 def test_scaling_jobs_take_volumes_as_multiples_of_the_profile_branch_points():
