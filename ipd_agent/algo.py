@@ -97,10 +97,12 @@ class IPDConfig(TransformerConfig):
         if self.batch_size != default_bs and self.transformer.batch_size == default_bs:
             self.transformer.batch_size = self.batch_size
         self.batch_size = self.transformer.batch_size
-        for field, allowed in (("return_token", ("upper", "value")), ("rtg_relabel", RTG_RELABELS)):
-            if getattr(self.transformer, field) not in allowed:  # caught here, not after hours of fitting
-                raise ValueError(f"transformer.{field} must be one of {allowed}, got "
-                                 f"{getattr(self.transformer, field)!r}")
+        for section, field, allowed in (("transformer", "return_token", ("upper", "value")),
+                                        ("transformer", "rtg_relabel", RTG_RELABELS),
+                                        ("planner", "execute", PLANNER_EXECUTE)):
+            got = getattr(getattr(self, section), field)
+            if got not in allowed:  # caught here, not after hours of fitting
+                raise ValueError(f"{section}.{field} must be one of {allowed}, got {got!r}")
         floor = self.transformer.token_floor
         if floor is not None and not (0.0 <= floor <= 1.0 and self.transformer.return_token == "upper"):
             raise ValueError(f"transformer.token_floor is a quantile in [0, 1] of the token model's g(s) over the data "
@@ -110,8 +112,6 @@ class IPDConfig(TransformerConfig):
             raise ValueError("transformer.token_ratchet holds the running maximum of the token model's g(s) "
                              "(return_token='upper'); got return_token="
                              f"{self.transformer.return_token!r}. Set token_ratchet=False or return_token='upper'.")
-        if self.planner.execute not in PLANNER_EXECUTE:
-            raise ValueError(f"planner.execute must be one of {PLANNER_EXECUTE}, got {self.planner.execute!r}")
         if not 0.0 <= self.transformer.ema_decay < 1.0:
             raise ValueError(f"transformer.ema_decay must be in [0, 1) (0 deploys the last iterate), got "
                              f"{self.transformer.ema_decay}")
