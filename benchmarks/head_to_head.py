@@ -73,6 +73,10 @@ DIAGNOSTICS = {
     # noise (14.5 % of MPC action components at the bound on hopper medium-replay, 5 % in the data and in greedy
     # rollouts), which the transformer then imitates. Same stages, same warm-start guard; only the imagined actions
     "mppi-mean": {"planner": {"execute": "mean"}},
+    # each action's imitation error weighted by IQL's own actor weights, min(exp(3·A(s, a)), 100): where one token
+    # covers good and bad actions (the cheetah's stuck pose, the hopper's pre-fall steps) the better ones are copied
+    # more. Same stages and imagined data; only the transformer's loss differs
+    "adv-weight": {"transformer": {"advantage_weight": 3.0}},
 }
 VARIANTS = {**ABLATIONS, **DIAGNOSTICS}
 SCALES = [0.25, 0.5, 2.0]  # 0 is the no-augment ablation and 1 the default run, both shared with the other parts

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from typing import Any, Callable, Optional, Union
@@ -37,8 +38,8 @@ from .config import AugmentConfig, PlannerConfig, TransformerNetConfig, ValueCon
 from .data import DatasetError, Trajectories, check_unit_box, to_trajectories
 from .planner import PLANNER_EXECUTE, MPCPlanner
 from .policy import IPDPolicy, StatefulIPDWrapper
-from .transformer import (RTG_RELABELS, CausalTransformer, ReturnTokenModel, WindowSampler, fit_return_token_model,
-                          set_token_floor,
+from .transformer import (RTG_RELABELS, CausalTransformer, ReturnTokenModel, WindowSampler, advantage_weights,
+                          fit_return_token_model, set_token_floor,
                           WeightAverage, lr_lambda, taught_rows, value_guided_loss, value_returns_to_go)
 from .value import ValueFunctions, fit_value_functions, make_iql
 from .world_model import WorldModel, fit_world_model
@@ -112,6 +113,10 @@ class IPDConfig(TransformerConfig):
             raise ValueError("transformer.token_ratchet holds the running maximum of the token model's g(s) "
                              "(return_token='upper'); got return_token="
                              f"{self.transformer.return_token!r}. Set token_ratchet=False or return_token='upper'.")
+        beta = self.transformer.advantage_weight
+        if not (math.isfinite(beta) and beta >= 0.0):
+            raise ValueError(f"transformer.advantage_weight must be a finite number >= 0 (0 weighs every action "
+                             f"alike; IQL's actor uses 3), got {beta!r}")
         if not 0.0 <= self.transformer.ema_decay < 1.0:
             raise ValueError(f"transformer.ema_decay must be in [0, 1) (0 deploys the last iterate), got "
                              f"{self.transformer.ema_decay}")
@@ -452,8 +457,10 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         # otherwise set g_t at inference. A continued fit keeps the one its policy was trained with.
         if tcfg.return_token == "upper" and (not bool(impl.token.fitted) or not impl.stages.is_done("transformer")):
             self.fit_return_token(aug, rtg=rtg)
+        weights = (advantage_weights(impl.value, traj.observations, traj.actions, tcfg.advantage_weight)
+                   if tcfg.advantage_weight > 0 else None)
         sampler = WindowSampler(traj, rtg, cfg.context_size, tcfg.imagined_ratio, aug.n_real_episodes,
-                                seed=cfg.seed + int(impl.stages.transformer_steps))
+                                seed=cfg.seed + int(impl.stages.transformer_steps), weights=weights)
         if getattr(self, "_optim", None) is None:
             self._optim = torch.optim.AdamW(net.parameters(), lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
             self._sched = torch.optim.lr_scheduler.LambdaLR(self._optim, lr_lambda(tcfg.warmup_steps))

@@ -99,6 +99,10 @@ class TransformerNetConfig(SerializableConfig):
     # exponential moving average of the weights, used for evaluation and deployment; 0 deploys the last iterate
     ema_decay: float = 0.0
     value_guidance: float = 1.0  # alpha: weight of the -Q(s, pi)/mean|Q| term; 0 disables it
+    # beta: weight each action's imitation error by min(exp(beta * A(s, a)), 100), A = Q - V of stage 1 on IQL's own
+    # reward scale (IQL's actor uses beta = value.weight_temp = 3), so where the data mixes good and bad actions for
+    # one token the better ones are copied more; the batch loss stays a weighted mean. 0: every action counts alike
+    advantage_weight: float = 0.0
     # return tokens: "max" = QDT relabel r + γ·max(g', V(s')); "mc" = plain r + γ·g'; "one_step" = r + γ·V(s')
     rtg_relabel: str = "max"
     return_token: str = "upper"  # inference token: "upper" = token model below; "value" = V(s) (DESIGN §2.6, ablation)

@@ -27,7 +27,7 @@ from torch import nn
 from .config import TransformerNetConfig
 from .data import Trajectories
 
-__all__ = ["value_returns_to_go", "taught_rows", "WindowSampler", "CausalTransformer", "value_guided_loss", "ReturnTokenModel",
+__all__ = ["value_returns_to_go", "taught_rows", "WindowSampler", "advantage_weights", "CausalTransformer", "value_guided_loss", "ReturnTokenModel",
            "fit_return_token_model", "set_token_floor", "WeightAverage"]
 
 
@@ -77,8 +77,10 @@ class WindowSampler:
     """Samples [B, K] context windows from flat tensors; real and imagined pools mixed by ratio."""
 
     def __init__(self, traj: Trajectories, rtg: np.ndarray, context: int, imagined_ratio: float,
-                 n_real_episodes: Optional[int] = None, seed: int = 0) -> None:
+                 n_real_episodes: Optional[int] = None, seed: int = 0, weights: Optional[np.ndarray] = None) -> None:
         self.k = context
+        # per-row weight of each action as a training target (``advantage_weights``); None: all alike
+        self.weight = None if weights is None else torch.from_numpy(np.asarray(weights, dtype=np.float32))
         self.obs = torch.from_numpy(traj.observations)
         self.act = torch.from_numpy(traj.actions)
         self.rtg = torch.from_numpy(rtg.astype(np.float32))
@@ -100,7 +102,8 @@ class WindowSampler:
         self.gen = torch.Generator().manual_seed(seed)
 
     def sample(self, batch: int):
-        """obs [B, K, o], act [B, K, a], rtg [B, K], mask [B, K] (1 where the token's action is a training target)."""
+        """obs [B, K, o], act [B, K, a], rtg [B, K], mask [B, K] (1 where the token's action is a training target;
+        with ``weights``, that row's weight instead, 0 elsewhere)."""
         n_im = int(round(batch * self.ratio))
         parts = [self.real_pool[torch.randint(0, len(self.real_pool), (batch - n_im,), generator=self.gen)]]
         if n_im:
@@ -109,7 +112,26 @@ class WindowSampler:
         idx = start[:, None] + torch.arange(self.k)[None, :]
         mask = idx < self.ep_end[start][:, None]
         idx = torch.where(mask, idx, start[:, None])  # padded slots point at a real row; masked out of the loss
-        return self.obs[idx], self.act[idx], self.rtg[idx], mask & self.learn[idx]
+        mask = mask & self.learn[idx]
+        if self.weight is not None:
+            mask = mask * self.weight[idx]
+        return self.obs[idx], self.act[idx], self.rtg[idx], mask
+
+
+ADVANTAGE_WEIGHT_MAX = 100.0  # IQL's clip on its actor's exp(beta * A) weights: a few rows cannot take over a batch
+
+
+def advantage_weights(value, obs: np.ndarray, act: np.ndarray, beta: float, batch: int = 16384) -> np.ndarray:
+    """min(exp(beta * (Q(s, a) - V(s))), 100) per row, with A on IQL's reward scale, so ``beta`` means what IQL's
+    ``weight_temp`` means (its actor uses 3). ``value`` is the frozen stage-1 ``ValueFunctions``."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(obs), batch):
+            o = torch.from_numpy(np.ascontiguousarray(obs[i:i + batch], dtype=np.float32))
+            a = torch.from_numpy(np.ascontiguousarray(act[i:i + batch], dtype=np.float32))
+            adv = (value.q(o, a) - value.v(o)) * value.reward_scale
+            out.append(torch.exp(beta * adv).clamp(max=ADVANTAGE_WEIGHT_MAX).numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
 class Block(nn.Module):
@@ -184,7 +206,8 @@ class CausalTransformer(nn.Module):
 
 def value_guided_loss(pred: torch.Tensor, act: torch.Tensor, obs: torch.Tensor, mask: torch.Tensor,
                       q_fn, alpha: float) -> tuple[torch.Tensor, dict]:
-    """L = E‖a − π‖² − α·Q(s, π)/mean|Q| over real (unpadded) tokens (QT-style normalisation)."""
+    """L = E‖a − π‖² − α·Q(s, π)/mean|Q| over real (unpadded) tokens (QT-style normalisation); a float ``mask``
+    weighs the tokens (a weighted mean)."""
     m = mask.float()
     denom = m.sum().clamp_min(1.0)
     bc = (((pred - act) ** 2).sum(-1) * m).sum() / denom
