@@ -344,6 +344,25 @@ def test_bf16_training_runs(loaded_copy, fitted):
     assert np.all(np.abs(loaded_copy.predict(fitted.traj.observations[:4])) <= 1.0)
 
 
+def test_advantage_weighting_reaches_the_transformers_training(fitted):
+    """The same continued fit three times: twice unweighted (identical), once advantage-weighted (different)."""
+    def continued(beta):
+        algo = d3rlpy.load_learnable(fitted.path)
+        algo.config.transformer.advantage_weight = beta
+        out = algo.fit(fitted.traj, n_steps=3, **FIT_KW)
+        assert np.isfinite(out["last"]["loss"])
+        return torch.cat([p.detach().reshape(-1) for p in algo.impl.transformer.parameters()])
+
+    # this tiny stage 1 over-estimates Q (A > 2 on every row), so IQL's beta = 3 would clip every weight at 100 and
+    # weigh all rows alike; a small beta keeps the weights apart
+    from ipd_agent.transformer import advantage_weights
+    w = advantage_weights(fitted.algo.impl.value, fitted.traj.observations, fitted.traj.actions, 0.1)
+    assert w.max() > 1.5 * w.min()
+    plain, plain_again, weighted = continued(0.0), continued(0.0), continued(0.1)
+    torch.testing.assert_close(plain_again, plain, rtol=0, atol=0)
+    assert not torch.equal(weighted, plain)
+
+
 def test_save_policy_exports_and_leaves_the_model_trainable(loaded_copy, fitted, tmp_path):
     algo = loaded_copy
     algo.save_policy(str(tmp_path / "policy.pt"))

@@ -251,6 +251,9 @@ def test_unknown_config_fields_are_rejected():
     fails_fast(ValueError, r"unknown planner config field\(s\) \['n_sample'\]", IPDConfig, planner={"n_sample": 8})
     fails_fast(ValueError, r"planner.execute must be one of \('best', 'mean'\), got 'median'", IPDConfig,
                planner={"execute": "median"})
+    for beta in (-1.0, float("nan"), float("inf")):
+        fails_fast(ValueError, r"transformer.advantage_weight must be a finite number >= 0", IPDConfig,
+                   transformer={"advantage_weight": beta})
     # top-level keys from a JSON file or a profile get the same named error, not a bare TypeError
     fails_fast(ValueError, r"unknown IPDConfig field\(s\) \['sead'\]", IPDConfig.from_settings, {"sead": 1})
     from ipd_agent.bench import load_profile, make_ipd_config

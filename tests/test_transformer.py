@@ -8,7 +8,8 @@ import torch
 from ipd_agent import Trajectories
 from ipd_agent.config import TransformerNetConfig
 from ipd_agent.policy import TransformerContext
-from ipd_agent.transformer import CausalTransformer, WindowSampler, value_guided_loss, value_returns_to_go
+from ipd_agent.transformer import (ADVANTAGE_WEIGHT_MAX, CausalTransformer, WindowSampler, advantage_weights,
+                                   value_guided_loss, value_returns_to_go)
 
 OD, AD, K = 4, 2, 6
 
@@ -225,14 +226,29 @@ def test_value_guided_loss_formula():
     assert m1["q_pi"] == pytest.approx(np.mean(qs), rel=1e-5)
 
 
-def _train(alpha: float, steps: int = 150):
-    """Trains a small transformer on uniformly random behaviour actions with q(s, a) = a_0."""
+class _ValueOfFirstActionComponent:
+    """Stand-in stage-1 values with A(s, a) = a_0: Q(s, a) = a_0 + V(s), on a reward scale of 1."""
+
+    reward_scale = torch.ones(())
+
+    def v(self, obs):
+        return obs[..., 0]
+
+    def q(self, obs, act):
+        return act[..., 0] + obs[..., 0]
+
+
+def _train(alpha: float, steps: int = 150, beta: float = 0.0):
+    """Trains a small transformer on uniformly random behaviour actions with q(s, a) = a_0 (and, for ``beta`` > 0,
+    imitation weighted by min(exp(beta * a_0), 100))."""
     rng = np.random.default_rng(0)
     traj = _random_traj(rng, [(30, False)] * 20)
     rtg = rng.normal(size=traj.n_transitions).astype(np.float32)
     net = _net(5)
     net.train()
-    sampler = WindowSampler(traj, rtg, context=K, imagined_ratio=0.0, seed=0)
+    weights = (advantage_weights(_ValueOfFirstActionComponent(), traj.observations, traj.actions, beta)
+               if beta > 0 else None)
+    sampler = WindowSampler(traj, rtg, context=K, imagined_ratio=0.0, seed=0, weights=weights)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
 
     def q_fn(o, a):
@@ -257,6 +273,53 @@ def test_value_guidance_moves_actions_up_q():
     q_plain, _ = _train(alpha=0.0)
     assert q_guided > q_plain + 0.2, (q_guided, q_plain)
     assert abs(q_plain) < 0.3  # plain regression onto uniform actions stays near their mean
+
+
+def test_advantage_weighting_copies_the_better_actions_more():
+    # behaviour actions are uniform on [-1, 1] whatever the token; weighting by exp(3 * a_0) moves the regression
+    # target to the weighted mean of a_0, coth(3) - 1/3 = 0.67, while plain regression stays near 0
+    a0_weighted, _ = _train(alpha=0.0, steps=300, beta=3.0)
+    a0_plain, _ = _train(alpha=0.0, steps=300)
+    assert abs(a0_plain) < 0.3
+    assert a0_weighted > 0.45, (a0_weighted, a0_plain)
+
+
+def test_advantage_weights_are_iqls_actor_weights_on_its_own_reward_scale(fitted):
+    """On a fitted stage 1: exp(beta * (Q - V)) of IQL's own networks, which see scaled rewards, clipped at 100."""
+    value = fitted.algo.impl.value
+    obs, act = fitted.traj.observations[:500], fitted.traj.actions[:500]
+    got = advantage_weights(value, obs, act, 3.0, batch=128)  # several batches
+    o, a = torch.from_numpy(obs), torch.from_numpy(act)
+    with torch.no_grad():  # IQL's networks directly: their outputs are already on IQL's (scaled) reward scale
+        q = torch.stack([qf(o, a).q_value.reshape(-1) for qf in value.q_funcs]).min(0).values
+        adv = q - value.value_func(o).reshape(-1)
+    expected = torch.exp(3.0 * adv).clamp(max=ADVANTAGE_WEIGHT_MAX).numpy()
+    assert float(value.reward_scale) != 1.0  # the conversion is exercised
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    assert got.shape == (500,) and np.all(got > 0) and np.all(got <= ADVANTAGE_WEIGHT_MAX)
+
+
+def test_sampler_weights_replace_the_mask_where_actions_are_learnt():
+    rng = np.random.default_rng(3)
+    traj = _random_traj(rng, [(7, False), (3, True), (12, False)])
+    traj.observations[:, 0] = np.arange(traj.n_transitions)  # tag rows
+    rtg = np.zeros(traj.n_transitions, dtype=np.float32)
+    w = rng.uniform(0.1, 5.0, traj.n_transitions).astype(np.float32)
+    obs, _, _, mask = WindowSampler(traj, rtg, context=5, imagined_ratio=0.0, seed=1).sample(200)
+    obs_w, _, _, wmask = WindowSampler(traj, rtg, context=5, imagined_ratio=0.0, seed=1, weights=w).sample(200)
+    torch.testing.assert_close(obs_w, obs)  # the same windows
+    rows = obs[..., 0].long().numpy()
+    np.testing.assert_allclose(wmask.numpy(), np.where(mask.numpy(), w[rows], 0.0), rtol=0, atol=0)
+
+
+def test_a_weighted_mask_gives_the_weighted_mean_imitation_error():
+    g = torch.Generator().manual_seed(1)
+    pred, act = torch.rand(3, 4, AD, generator=g) * 2 - 1, torch.rand(3, 4, AD, generator=g) * 2 - 1
+    w = torch.rand(3, 4, generator=g) * 3
+    w[2, 2:] = 0.0  # padding
+    err = ((pred - act) ** 2).sum(-1)
+    loss, _ = value_guided_loss(pred, act, torch.zeros(3, 4, OD), w, None, 0.0)
+    assert float(loss) == pytest.approx(float((w * err).sum() / w.sum()), rel=1e-6)
 
 
 def test_token_layout_must_be_two_or_three():
