@@ -32,6 +32,7 @@ class Profile:
     transformer_steps: int = 10_000  # gradient steps for DT and IPD's transformer
     transformer_hidden: int = 64  # embedding width of DT and IPD's transformer (same size for both)
     transformer_layers: int = 2  # blocks of DT and IPD's transformer
+    dt_learning_rate: float = 1e-4  # DT's AdamW learning rate (d3rlpy's recipe; IPD's is in ``ipd``'s transformer)
     eval_episodes: int = 10  # evaluation episodes of the policy fit returns (last evaluation, no best-of selection)
     dt_target_return: dict = dataclasses.field(default_factory=lambda: {"Hopper": 3600.0, "HalfCheetah": 12000.0,
                                                                           "Walker2d": 5000.0})
@@ -128,7 +129,7 @@ def _baseline(name: str, profile: Profile, device: str):
     if name == "dt":
         return d3rlpy.algos.DecisionTransformerConfig(
             batch_size=64,
-            learning_rate=1e-4,
+            learning_rate=profile.dt_learning_rate,
             optim_factory=d3rlpy.optimizers.AdamWFactory(
                 weight_decay=1e-4, clip_grad_norm=0.25,
                 lr_scheduler_factory=d3rlpy.optimizers.WarmupSchedulerFactory(warmup_steps=1000)),

@@ -187,6 +187,27 @@ def test_the_transformer_budget_profile_differs_from_cpu_only_in_transformer_ste
     assert _prefit_key(stage_config(long, 0), ds) != _prefit_key(stage_config(long, 1), ds)
 
 
+def test_the_learning_rate_profile_changes_only_the_two_transformers_rates():
+    """benchmarks/profiles/cpu-lr-3e-4.json is the CPU profile with DT's and IPD's transformer learning rates at 3e-4:
+    its IPD runs share the CPU profile's stages 1-2, and the rate reaches d3rlpy's DT."""
+    import dataclasses
+
+    from ipd_agent.bench import _baseline, _prefit_key, load_profile, make_ipd_config, stage_config
+
+    cpu = load_profile("cpu")
+    fast = load_profile(str(BENCHMARKS / "profiles" / "cpu-lr-3e-4.json"))
+    assert fast.dt_learning_rate == 3e-4 and cpu.dt_learning_rate == 1e-4
+    assert make_ipd_config(fast, 0).transformer.learning_rate == 3e-4
+    assert dataclasses.replace(make_ipd_config(fast, 0).transformer, learning_rate=1e-4) == \
+        make_ipd_config(cpu, 0).transformer
+    ipd_part = {**fast.ipd, "transformer": {k: v for k, v in fast.ipd["transformer"].items() if k != "learning_rate"}}
+    assert dataclasses.replace(fast, name=cpu.name, dt_learning_rate=1e-4, ipd=ipd_part) == cpu
+    ds = "d4rlstyle/hopper/medium-replay-v0"
+    assert _prefit_key(stage_config(fast, 0), ds) == _prefit_key(stage_config(cpu, 0), ds)
+    assert _baseline("dt", fast, "cpu:0").config.learning_rate == 3e-4
+    assert _baseline("dt", cpu, "cpu:0").config.learning_rate == 1e-4
+
+
 def test_planner_variants_share_the_stages_of_ipd():
     """Variants that only change how imagined data are made (the MPPI output, greedy rollouts) reuse ipd's cached value
     function and world model, so their rows compare with ipd's on the same stages 1-2."""
