@@ -207,6 +207,16 @@ def plotted_labels(rows: list[dict]) -> list[str]:
     return [a for a in shown if a in have]
 
 
+EXTRA_COLOURS = ["C6", "C7", "C8", "C9", "black", "gold", "navy", "teal", "orchid", "sienna"]
+
+
+def label_colours(present: list[str]) -> dict[str, str]:
+    """One distinct colour per drawn label: the six algorithms keep theirs in every figure (C0-C5), the diagnostics
+    drawn beside them take the next free ones in legend order (a global index would wrap past C9 onto ipd's)."""
+    extra = iter(EXTRA_COLOURS)
+    return {a: f"C{ALGOS.index(a)}" if a in ALGOS else next(extra) for a in present}
+
+
 def plots(rows: list[dict], out: str, scaling_sets: list[str], default_branches: int) -> list[str]:
     import matplotlib
 
@@ -219,12 +229,13 @@ def plots(rows: list[dict], out: str, scaling_sets: list[str], default_branches:
     if sets:  # per-dataset bars with std error bars
         fig, ax = plt.subplots(figsize=(11, 4))
         present = plotted_labels(rows)
+        colour = label_colours(present)
         w = 0.8 / len(present)
         for i, a in enumerate(present):
             m = [summ[d][a][0] if a in summ[d] else np.nan for d in sets]
             s = [summ[d][a][1] if a in summ[d] else 0.0 for d in sets]
             ax.bar(np.arange(len(sets)) + (i - (len(present) - 1) / 2) * w, m, w, yerr=s, capsize=2, label=a,
-                   color=f"C{PLOTTED.index(a)}")
+                   color=colour[a])
         ax.set_xticks(np.arange(len(sets)), [short(d).replace("/", "\n") for d in sets])
         ax.set_ylabel("normalised score (final policy)")
         ax.legend(ncol=len(present), fontsize=8)
@@ -247,7 +258,7 @@ def plots(rows: list[dict], out: str, scaling_sets: list[str], default_branches:
                     continue
                 fracs = sorted(c)
                 ax.plot([f / 100 for f in fracs], [np.mean(c[f]) for f in fracs], marker="o", ms=3, label=a,
-                        color=f"C{PLOTTED.index(a)}")
+                        color=colour[a])
             ax.set_title(short(d), fontsize=9)
         for ax in axes.T.ravel()[len(sets):]:
             ax.set_visible(False)  # datasets without finished runs yet

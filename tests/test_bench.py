@@ -152,6 +152,11 @@ def test_plots_draw_diagnostics_beside_ipd_but_only_the_six_algorithms_in_a_main
     rows = rows_of("ipd-dt-layout", "ipd-no-augment", "dt", "ipd")
     assert mod.plotted_labels(rows) == ["ipd", "dt"]
     assert mod.plots(rows, str(tmp_path), [], 1000) == ["bars.png", "curves.png"]
+    # every drawn label gets its own colour, with all the diagnostics beside ipd (the 11th label used to wrap onto C0)
+    every = mod.plotted_labels(rows_of("ipd", *[f"ipd-{t}" for t in mod.DIAGNOSTICS]))
+    colours = mod.label_colours(every)
+    assert len(every) == 1 + len(mod.DIAGNOSTICS) and len(set(colours.values())) == len(every)
+    assert mod.label_colours(["dt", "ipd"]) == {"dt": "C1", "ipd": "C0"}  # the algorithms keep theirs everywhere
     # a folder of a diagnostic's rows only gets no table of means over no sets (it used to print "nan")
     table, avg = mod.main_table(rows_of("ipd-mppi-mean"))
     assert "nan" not in table and all(v is None for v in avg.values())
