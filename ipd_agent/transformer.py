@@ -27,8 +27,8 @@ from torch import nn
 from .config import TransformerNetConfig
 from .data import Trajectories
 
-__all__ = ["value_returns_to_go", "taught_rows", "WindowSampler", "advantage_weights", "CausalTransformer", "value_guided_loss", "ReturnTokenModel",
-           "fit_return_token_model", "set_token_floor", "WeightAverage"]
+__all__ = ["value_returns_to_go", "taught_rows", "WindowSampler", "advantage_weights", "CausalTransformer",
+           "value_guided_loss", "ReturnTokenModel", "fit_return_token_model", "set_token_floor", "WeightAverage"]
 
 
 RTG_RELABELS = ("max", "mc", "one_step")  # the return-token relabels value_returns_to_go knows (config checks these)
