@@ -28,7 +28,7 @@ def main() -> None:
     torch.set_num_threads(1)
     from ipd_agent.algo import load_ipd
     from ipd_agent.data import load_minari
-    from ipd_agent.transformer import ADVANTAGE_WEIGHT_MAX, advantage_weights
+    from ipd_agent.transformer import advantage_weights
 
     value = load_ipd(args.model).impl.value
     traj, _ = load_minari(args.dataset)
@@ -39,7 +39,7 @@ def main() -> None:
         w = advantage_weights(value, traj.observations, traj.actions, beta).astype(np.float64)
         ess = w.sum() ** 2 / (w ** 2).sum() / len(w)
         print(f"| {beta:g} | {ess:.1%} | {np.median(w):.3f} | {np.quantile(w, 0.95):.2f} | "
-              f"{(w >= ADVANTAGE_WEIGHT_MAX).mean():.1%} |")
+              f"{(w >= value.max_weight).mean():.1%} |")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .config import AugmentConfig
 from .data import Trajectories
 from .planner import MPCPlanner
-from .value import ValueFunctions
+from .value import ValueFunctions, map_rows
 from .world_model import WorldModel
 
 __all__ = ["AugmentationResult", "augment", "segment_values", "select_branch_points", "batched_values"]
@@ -30,11 +30,7 @@ REASONS = ("accepted", "uncertainty", "terminal", "no_improvement")
 
 def batched_values(value: ValueFunctions, obs: np.ndarray, batch: int = 16384) -> np.ndarray:
     """V(s) for many states, in unscaled reward units."""
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(obs), batch):
-            out.append(value.v(torch.from_numpy(np.ascontiguousarray(obs[i:i + batch], dtype=np.float32))).numpy())
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+    return map_rows(value.v, obs, batch=batch)
 
 
 def segment_values(traj: Trajectories, v_next: np.ndarray, gamma: float, lengths, rows: Optional[np.ndarray] = None):

@@ -26,6 +26,7 @@ from torch import nn
 
 from .config import TransformerNetConfig
 from .data import Trajectories
+from .value import map_rows
 
 __all__ = ["value_returns_to_go", "taught_rows", "WindowSampler", "advantage_weights", "CausalTransformer",
            "value_guided_loss", "ReturnTokenModel", "fit_return_token_model", "set_token_floor", "WeightAverage"]
@@ -118,20 +119,15 @@ class WindowSampler:
         return self.obs[idx], self.act[idx], self.rtg[idx], mask
 
 
-ADVANTAGE_WEIGHT_MAX = 100.0  # IQL's clip on its actor's exp(beta * A) weights: a few rows cannot take over a batch
-
-
 def advantage_weights(value, obs: np.ndarray, act: np.ndarray, beta: float, batch: int = 16384) -> np.ndarray:
-    """min(exp(beta * (Q(s, a) - V(s))), 100) per row, with A on IQL's reward scale, so ``beta`` means what IQL's
-    ``weight_temp`` means (its actor uses 3). ``value`` is the frozen stage-1 ``ValueFunctions``."""
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(obs), batch):
-            o = torch.from_numpy(np.ascontiguousarray(obs[i:i + batch], dtype=np.float32))
-            a = torch.from_numpy(np.ascontiguousarray(act[i:i + batch], dtype=np.float32))
-            adv = (value.q(o, a) - value.v(o)) * value.reward_scale
-            out.append(torch.exp(beta * adv).clamp(max=ADVANTAGE_WEIGHT_MAX).numpy())
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+    """min(exp(beta * (Q(s, a) - V(s))), max_weight) per row, with A on IQL's reward scale, so ``beta`` means what
+    IQL's ``weight_temp`` means (its actor uses 3), and the clip is IQL's own (a few rows cannot take over a batch).
+    ``value`` is the frozen stage-1 ``ValueFunctions``."""
+    def weight(o: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        adv = (value.q(o, a) - value.v(o)) * value.reward_scale
+        return torch.exp(beta * adv).clamp(max=value.max_weight)
+
+    return map_rows(weight, obs, act, batch=batch)
 
 
 class Block(nn.Module):

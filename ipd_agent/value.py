@@ -6,15 +6,26 @@ ReturnBasedRewardScaler), so we divide its outputs by the same factor.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import d3rlpy
+import numpy as np
 import torch
 from torch import nn
 
 from .config import ValueConfig
 
-__all__ = ["ValueFunctions", "make_iql", "fit_value_functions"]
+__all__ = ["ValueFunctions", "make_iql", "fit_value_functions", "map_rows"]
+
+
+def map_rows(fn: Callable[..., torch.Tensor], *arrays: np.ndarray, batch: int = 16384) -> np.ndarray:
+    """``fn`` over row chunks of equally long arrays (float32 tensors in, one value per row out), without autograd:
+    the frozen stage-1 networks see a whole dataset at once without holding it all in activations."""
+    n = len(arrays[0])
+    with torch.no_grad():
+        out = [fn(*(torch.from_numpy(np.ascontiguousarray(a[i:i + batch], dtype=np.float32)) for a in arrays)).numpy()
+               for i in range(0, n, batch)]
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
 def make_iql(cfg: ValueConfig, device: str) -> "d3rlpy.algos.IQL":
@@ -42,6 +53,8 @@ class ValueFunctions(nn.Module):
         self.value_func = mods.value_func
         self.q_funcs = mods.q_funcs
         self.policy = mods.policy
+        # IQL's clip on its actor's exp(weight_temp * A) weights, read from the fitted IQL so the two cannot drift
+        self.max_weight = float(iql.config.max_weight)
         # rewards were multiplied by this before IQL saw them; set after IQL is fitted
         self.register_buffer("reward_scale", torch.ones(()))
 

@@ -8,7 +8,7 @@ import torch
 from ipd_agent import Trajectories
 from ipd_agent.config import TransformerNetConfig
 from ipd_agent.policy import TransformerContext
-from ipd_agent.transformer import (ADVANTAGE_WEIGHT_MAX, CausalTransformer, WindowSampler, advantage_weights,
+from ipd_agent.transformer import (CausalTransformer, WindowSampler, advantage_weights,
                                    value_guided_loss, value_returns_to_go)
 
 OD, AD, K = 4, 2, 6
@@ -230,6 +230,7 @@ class _ValueOfFirstActionComponent:
     """Stand-in stage-1 values with A(s, a) = a_0: Q(s, a) = a_0 + V(s), on a reward scale of 1."""
 
     reward_scale = torch.ones(())
+    max_weight = 100.0  # IQL's default clip
 
     def v(self, obs):
         return obs[..., 0]
@@ -293,10 +294,12 @@ def test_advantage_weights_are_iqls_actor_weights_on_its_own_reward_scale(fitted
     with torch.no_grad():  # IQL's networks directly: their outputs are already on IQL's (scaled) reward scale
         q = torch.stack([qf(o, a).q_value.reshape(-1) for qf in value.q_funcs]).min(0).values
         adv = q - value.value_func(o).reshape(-1)
-    expected = torch.exp(3.0 * adv).clamp(max=ADVANTAGE_WEIGHT_MAX).numpy()
+    # the clip is the fitted IQL's own max_weight (d3rlpy's default, 100), read from its config
+    assert value.max_weight == fitted.algo.impl.iql.config.max_weight == 100.0
+    expected = torch.exp(3.0 * adv).clamp(max=value.max_weight).numpy()
     assert float(value.reward_scale) != 1.0  # the conversion is exercised
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
-    assert got.shape == (500,) and np.all(got > 0) and np.all(got <= ADVANTAGE_WEIGHT_MAX)
+    assert got.shape == (500,) and np.all(got > 0) and np.all(got <= value.max_weight)
 
 
 def test_sampler_weights_replace_the_mask_where_actions_are_learnt():
