@@ -37,10 +37,12 @@ DATASETS = [f"d4rlstyle/{env}/{kind}-v0" for kind in ("medium-replay", "full-rep
 MEDIUM_REPLAY = [d for d in DATASETS if "medium-replay" in d]
 ALGOS = ["ipd", "dt", "iql", "cql", "td3bc", "bc"]
 # The CPU profile conditions on plain discounted returns at the 0.99 expectile, with imagined windows at a tenth of
-# each batch, trains without the Q term (alpha = 0) and deploys the weight average of its transformer (ema_decay
-# 0.999). Each was chosen by a rule written down before fresh seeds (README "Results"), so the ablations below are
-# switches away from that profile. Rows of the other ablations were run before the weight average joined the
-# profile, so they deploy the last iterate: compare them with `ipd-last-iterate`.
+# each batch, trains without the Q term (alpha = 0) at a learning rate of 3e-4 and deploys the weight average of its
+# transformer (ema_decay 0.999). Each was chosen by a rule written down before fresh seeds (README "Results"), so the
+# ablations below are switches away from that profile. The ablation rows in results/head_to_head were all trained at
+# the previous rate, 1e-4: compare them with `ipd-lr-1e-4` (the table's `ipd` runs before the rate changed), not with
+# today's `ipd`. Most were also run before the weight average joined the profile, so they deploy the last iterate:
+# compare those with `ipd-last-iterate`.
 ABLATIONS = {  # tag -> IPDConfig overrides
     # the last iterate deployed instead of the weight average (the profile before; training is the same)
     "last-iterate": {"transformer": {"ema_decay": 0.0}},
@@ -80,7 +82,10 @@ DIAGNOSTICS = {
     # three times the transformer's learning rate (3e-4, warm-up and everything else unchanged): on halfcheetah
     # full-replay IPD is still climbing steeply at 5,000 steps (35.4 -> 42.5 over the last 1,000) and reaches 45.3 at
     # 10,000; a larger step may get there within the budget of gradient steps
+    # (since 2026-12-03 the CPU profile's own rate: its rows in results/learning_rate are the rule's evidence)
     "lr-3e-4": {"transformer": {"learning_rate": 3e-4}},
+    # the rate of the CPU profile before that switch (DT's recipe): what the ablation rows were trained with
+    "lr-1e-4": {"transformer": {"learning_rate": 1e-4}},
 }
 VARIANTS = {**ABLATIONS, **DIAGNOSTICS}
 SCALES = [0.25, 0.5, 2.0]  # 0 is the no-augment ablation and 1 the default run, both shared with the other parts
@@ -362,7 +367,9 @@ def report(out: str, profile, scaling_sets: list[str], rows: Optional[list[dict]
     rows = load_rows(out) if rows is None else rows
     default_branches = profile.ipd.get("augment", {}).get("n_branches", 1000)
     table, avg = main_table(rows)
-    ab_labels = ["ipd"] + [f"ipd-{t}" for t in ABLATIONS]
+    # the ablation rows' own control (the previous rate) sits next to today's `ipd`
+    ab_labels = ["ipd"] + (["ipd-lr-1e-4"] if any(r["algo"] == "ipd-lr-1e-4" for r in rows) else [])
+    ab_labels += [f"ipd-{t}" for t in ABLATIONS]
     # rows of variants no longer in ABLATIONS (kept results, e.g. benchmarks/results/alpha_check) still get a column
     ab_labels += sorted({r["algo"] for r in rows if r["algo"].startswith("ipd-") and r["algo"] not in ab_labels
                          and not r["algo"].startswith(("ipd-branches-", "ipd-target-rtg"))}) + ["ipd-target-rtg"]

@@ -176,41 +176,59 @@ def test_scaling_jobs_take_volumes_as_multiples_of_the_profile_branch_points():
 
 
 def test_the_transformer_budget_profile_differs_from_cpu_only_in_transformer_steps_and_reuses_its_stages():
-    """benchmarks/profiles/cpu-transformer-10k.json: twice the transformer steps, nothing else, and the same cache key
-    for stages 1-2, so its IPD runs continue the CPU profile's on the very value function and world model."""
+    """benchmarks/profiles/cpu-transformer-10k.json: twice the transformer steps at the rate the CPU profile had when
+    it ran (1e-4), nothing else, and the same cache key for stages 1-2, so its IPD runs continue the CPU profile's on
+    the very value function and world model."""
     import dataclasses
 
-    from ipd_agent.bench import _prefit_key, load_profile, stage_config
+    from ipd_agent.bench import _prefit_key, load_profile, make_ipd_config, stage_config
 
     cpu = load_profile("cpu")
     long = load_profile(str(BENCHMARKS / "profiles" / "cpu-transformer-10k.json"))
     assert long.transformer_steps == 2 * cpu.transformer_steps
-    assert dataclasses.replace(long, name=cpu.name, transformer_steps=cpu.transformer_steps) == cpu
+    assert make_ipd_config(long, 0).transformer.learning_rate == 1e-4
+    assert make_ipd_config(cpu, 0).transformer == dataclasses.replace(
+        make_ipd_config(long, 0).transformer, learning_rate=3e-4, n_steps=cpu.transformer_steps)
+    ipd_part = {**long.ipd, "transformer": {**long.ipd["transformer"], "learning_rate": 3e-4}}
+    assert dataclasses.replace(long, name=cpu.name, transformer_steps=cpu.transformer_steps, ipd=ipd_part) == cpu
     ds = "d4rlstyle/hopper/medium-replay-v0"
     for seed in (0, 1):
         assert _prefit_key(stage_config(long, seed), ds) == _prefit_key(stage_config(cpu, seed), ds)
     assert _prefit_key(stage_config(long, 0), ds) != _prefit_key(stage_config(long, 1), ds)
 
 
-def test_the_learning_rate_profile_changes_only_the_two_transformers_rates():
-    """benchmarks/profiles/cpu-lr-3e-4.json is the CPU profile with DT's and IPD's transformer learning rates at 3e-4:
-    its IPD runs share the CPU profile's stages 1-2, and the rate reaches d3rlpy's DT."""
+def test_the_cpu_profile_trains_its_transformer_at_3e_4_and_the_lr_profile_changes_only_dts_rate():
+    """Since the lr-3e-4 rule (benchmarks/PROFILE_HISTORY.md), the CPU profile's transformer trains at 3e-4 while its DT
+    keeps d3rlpy's 1e-4; benchmarks/profiles/cpu-lr-3e-4.json is the CPU profile with DT at 3e-4 too. Both share the
+    stages 1-2 cache, and each rate reaches the network it is for."""
     import dataclasses
 
     from ipd_agent.bench import _baseline, _prefit_key, load_profile, make_ipd_config, stage_config
+    from ipd_agent.config import TransformerNetConfig
 
     cpu = load_profile("cpu")
     fast = load_profile(str(BENCHMARKS / "profiles" / "cpu-lr-3e-4.json"))
+    assert make_ipd_config(cpu, 0).transformer.learning_rate == 3e-4
+    assert TransformerNetConfig().learning_rate == 1e-4  # the library default stays DT's (DESIGN)
     assert fast.dt_learning_rate == 3e-4 and cpu.dt_learning_rate == 1e-4
-    assert make_ipd_config(fast, 0).transformer.learning_rate == 3e-4
-    assert dataclasses.replace(make_ipd_config(fast, 0).transformer, learning_rate=1e-4) == \
-        make_ipd_config(cpu, 0).transformer
-    ipd_part = {**fast.ipd, "transformer": {k: v for k, v in fast.ipd["transformer"].items() if k != "learning_rate"}}
-    assert dataclasses.replace(fast, name=cpu.name, dt_learning_rate=1e-4, ipd=ipd_part) == cpu
+    assert make_ipd_config(fast, 0).transformer == make_ipd_config(cpu, 0).transformer
+    assert dataclasses.replace(fast, name=cpu.name, dt_learning_rate=1e-4) == cpu
     ds = "d4rlstyle/hopper/medium-replay-v0"
     assert _prefit_key(stage_config(fast, 0), ds) == _prefit_key(stage_config(cpu, 0), ds)
     assert _baseline("dt", fast, "cpu:0").config.learning_rate == 3e-4
     assert _baseline("dt", cpu, "cpu:0").config.learning_rate == 1e-4
+
+
+def test_the_previous_rate_diagnostic_restores_1e_4():
+    """`--ablations lr-1e-4` re-makes rows like the table's `ipd` rows before the switch: only the rate differs."""
+    import dataclasses
+
+    from ipd_agent.bench import load_profile, make_ipd_config
+
+    cpu = load_profile("cpu")
+    old = make_ipd_config(cpu, 0, _benchmark_script("head_to_head").VARIANTS["lr-1e-4"]).transformer
+    assert old.learning_rate == 1e-4
+    assert dataclasses.replace(old, learning_rate=3e-4) == make_ipd_config(cpu, 0).transformer
 
 
 def test_planner_variants_share_the_stages_of_ipd():
