@@ -334,3 +334,25 @@ def test_rename_rows_relabels_with_provenance_and_never_overwrites(tmp_path):
     assert not (ds / "ipd-lr-3e-4_seed1.json").exists() and os.path.exists(moved[0])
     with pytest.raises(SystemExit, match="no rows"):
         mod.rename_rows(str(src), "nothing", "x", "y")
+
+
+def test_paired_compares_only_same_stage_pairs(tmp_path):
+    """benchmarks/paired.py: a variant and its control pair up by (dataset, seed); a seed filter applies; a pair on
+    different stages 1-2 is refused rather than averaged."""
+    mod = _benchmark_script("paired")
+    ds = tmp_path / "runs" / "d4rlstyle__hopper__medium-v0"
+    ds.mkdir(parents=True)
+
+    def row(label, seed, score, imagined=100, threshold=2.5):
+        (ds / f"{label}_seed{seed}.json").write_text(json.dumps({
+            "algo": label, "dataset": "d4rlstyle/hopper/medium-v0", "seed": seed, "normalized_score": score,
+            "augmentation": {"imagined_transitions": imagined, "threshold": threshold}}))
+
+    row("ipd", 0, 10.0), row("ipd-x", 0, 20.0), row("ipd", 1, 30.0), row("ipd-x", 1, 10.0), row("ipd-x", 2, 99.0)
+    pairs = mod.paired_rows(str(tmp_path), "ipd-x")  # seed 2 has no control
+    assert [(p["seed"], p["variant"], p["control"]) for p in pairs] == [(0, 20.0, 10.0), (1, 10.0, 30.0)]
+    assert "| **mean over 2 pairs** | | 15.0 | 20.0 |" in mod.report(pairs, "ipd-x", "ipd")
+    assert [p["seed"] for p in mod.paired_rows(str(tmp_path), "ipd-x", seeds=[1])] == [1]
+    row("ipd", 2, 5.0, threshold=2.6)
+    with pytest.raises(SystemExit, match="different stages"):
+        mod.paired_rows(str(tmp_path), "ipd-x")
