@@ -1,6 +1,8 @@
 """The benchmark harness: real d3rlpy baselines and IPD on one real Minari file, in worker processes."""
 from __future__ import annotations
 
+import json
+import os
 import pathlib
 import time
 
@@ -319,3 +321,56 @@ def test_model_select_floor_imagines_each_start_state_as_if_it_were_alone(loaded
     assert min(lengths) >= 1 and max(lengths) <= 25
     assert min(lengths) < 25  # random-policy hopper data: some rollout stops at a predicted fall before the horizon
     assert np.isfinite([batch["return"], batch["return_trusted"]]).all()
+
+
+def test_rename_rows_relabels_with_provenance_and_never_overwrites(tmp_path):
+    """benchmarks/rename_rows.py: a row keeps what it measured, gets its new label in file name and `algo`, and says
+    where it came from; seeds filter; a clash or a mislabelled row stops it before anything moves."""
+    mod = _benchmark_script("rename_rows")
+    src, dst = tmp_path / "a", tmp_path / "b"
+    ds = src / "runs" / "d4rlstyle__hopper__medium-v0"
+    ds.mkdir(parents=True)
+    for seed in (0, 1, 3):
+        (ds / f"ipd-lr-3e-4_seed{seed}.json").write_text(json.dumps({"algo": "ipd-lr-3e-4", "seed": seed,
+                                                                     "normalized_score": 10.0 + seed}))
+    (ds / "ipd-lr-3e-4x_seed0.json").write_text(json.dumps({"algo": "ipd-lr-3e-4x"}))  # another label: untouched
+    out = mod.rename_rows(str(src), "ipd-lr-3e-4", "ipd", "the profile's rate now", dst=str(dst), copy=True,
+                          seeds=[0, 1])
+    assert [os.path.basename(p) for p in out] == ["ipd_seed0.json", "ipd_seed1.json"]
+    row = json.loads((dst / "runs" / ds.name / "ipd_seed1.json").read_text())
+    assert row["algo"] == "ipd" and row["normalized_score"] == 11.0 and row["seed"] == 1
+    assert row["renamed_from"] == [{"label": "ipd-lr-3e-4", "folder": "a", "why": "the profile's rate now"}]
+    assert (ds / "ipd-lr-3e-4_seed0.json").exists()  # copied, not moved
+    with pytest.raises(SystemExit, match="exists"):  # seed 0 is already there: nothing moves, seed 3 included
+        mod.rename_rows(str(src), "ipd-lr-3e-4", "ipd", "again", dst=str(dst))
+    assert (ds / "ipd-lr-3e-4_seed3.json").exists() and not (dst / "runs" / ds.name / "ipd_seed3.json").exists()
+    (ds / "ipd-lr-3e-4_seed3.json").write_text(json.dumps({"algo": "dt", "seed": 3}))
+    with pytest.raises(SystemExit, match="labelled 'dt'"):
+        mod.rename_rows(str(src), "ipd-lr-3e-4", "old", "moved", seeds=[0, 3])
+    assert (ds / "ipd-lr-3e-4_seed0.json").exists() and not (ds / "old_seed0.json").exists()
+    moved = mod.rename_rows(str(src), "ipd-lr-3e-4", "old", "moved", seeds=[1])
+    assert not (ds / "ipd-lr-3e-4_seed1.json").exists() and os.path.exists(moved[0])
+    with pytest.raises(SystemExit, match="no rows"):
+        mod.rename_rows(str(src), "nothing", "x", "y")
+
+
+def test_paired_compares_only_same_stage_pairs(tmp_path):
+    """benchmarks/paired.py: a variant and its control pair up by (dataset, seed); a seed filter applies; a pair on
+    different stages 1-2 is refused rather than averaged."""
+    mod = _benchmark_script("paired")
+    ds = tmp_path / "runs" / "d4rlstyle__hopper__medium-v0"
+    ds.mkdir(parents=True)
+
+    def row(label, seed, score, imagined=100, threshold=2.5):
+        (ds / f"{label}_seed{seed}.json").write_text(json.dumps({
+            "algo": label, "dataset": "d4rlstyle/hopper/medium-v0", "seed": seed, "normalized_score": score,
+            "augmentation": {"imagined_transitions": imagined, "threshold": threshold}}))
+
+    row("ipd", 0, 10.0), row("ipd-x", 0, 20.0), row("ipd", 1, 30.0), row("ipd-x", 1, 10.0), row("ipd-x", 2, 99.0)
+    pairs = mod.paired_rows(str(tmp_path), "ipd-x")  # seed 2 has no control
+    assert [(p["seed"], p["variant"], p["control"]) for p in pairs] == [(0, 20.0, 10.0), (1, 10.0, 30.0)]
+    assert "| **mean over 2 pairs** | | 15.0 | 20.0 |" in mod.report(pairs, "ipd-x", "ipd")
+    assert [p["seed"] for p in mod.paired_rows(str(tmp_path), "ipd-x", seeds=[1])] == [1]
+    row("ipd", 2, 5.0, threshold=2.6)
+    with pytest.raises(SystemExit, match="different stages"):
+        mod.paired_rows(str(tmp_path), "ipd-x")

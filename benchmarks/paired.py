@@ -1,0 +1,68 @@
+"""A variant against its same-stage control, pair by pair: the figures a profile rule is decided on.
+
+Each pair is one (dataset, seed) with a row of both labels in one results folder. The pair counts only if both runs
+used the same stages 1-2 (equal imagined transitions and acceptance threshold), because a refit of the stages moves
+scores by more than many of the changes under test.
+
+    python benchmarks/paired.py benchmarks/results/learning_rate --variant ipd-lr-3e-4 --seeds 0 1 2
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+
+import numpy as np
+
+
+def _stages(row: dict) -> tuple:
+    aug = row.get("augmentation") or {}
+    return aug.get("imagined_transitions"), round(float(aug.get("threshold", float("nan"))), 6)
+
+
+def paired_rows(folder: str, variant: str, control: str = "ipd", seeds: list[int] | None = None) -> list[dict]:
+    """One dict per (dataset, seed) holding both labels: dataset, seed, variant and control scores."""
+    pairs = []
+    for vpath in sorted(glob.glob(os.path.join(folder, "runs", "*", f"{variant}_seed*.json"))):
+        seed = int(vpath.rsplit("_seed", 1)[1][:-len(".json")])
+        cpath = os.path.join(os.path.dirname(vpath), f"{control}_seed{seed}.json")
+        if (seeds is not None and seed not in seeds) or not os.path.exists(cpath):
+            continue
+        v, c = (json.load(open(p)) for p in (vpath, cpath))
+        if _stages(v) != _stages(c):
+            raise SystemExit(f"{vpath} and its control used different stages 1-2: {_stages(v)} vs {_stages(c)}")
+        pairs.append({"dataset": v["dataset"], "seed": seed, "variant": v["normalized_score"],
+                      "control": c["normalized_score"], "imagined": _stages(v)[0]})
+    return pairs
+
+
+def report(pairs: list[dict], variant: str, control: str) -> str:
+    lines = [f"| dataset | seeds | {variant} | {control} (same stages) |", "|---|---|---|---|"]
+    for d in sorted({p["dataset"] for p in pairs}):
+        ps = [p for p in pairs if p["dataset"] == d]
+        seeds = ", ".join(str(p["seed"]) for p in ps)
+        lines.append(f"| {d.replace('d4rlstyle/', '').replace('-v0', '')} | {seeds} | "
+                     + " / ".join(f"{p['variant']:.1f}" for p in ps) + f" = {np.mean([p['variant'] for p in ps]):.1f} | "
+                     + " / ".join(f"{p['control']:.1f}" for p in ps) + f" = {np.mean([p['control'] for p in ps]):.1f} |")
+    if pairs:
+        lines.append(f"| **mean over {len(pairs)} pairs** | | {np.mean([p['variant'] for p in pairs]):.1f} | "
+                     f"{np.mean([p['control'] for p in pairs]):.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", help="results folder with runs/<dataset>/<label>_seed<k>.json")
+    p.add_argument("--variant", required=True)
+    p.add_argument("--control", default="ipd")
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    a = p.parse_args()
+    pairs = paired_rows(a.folder, a.variant, a.control, a.seeds)
+    if not pairs:
+        raise SystemExit(f"no pairs of {a.variant} and {a.control} in {a.folder}")
+    print(report(pairs, a.variant, a.control))
+
+
+if __name__ == "__main__":
+    main()
