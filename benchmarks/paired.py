@@ -5,6 +5,9 @@ used the same stages 1-2 (equal imagined transitions and acceptance threshold), 
 scores by more than many of the changes under test.
 
     python benchmarks/paired.py benchmarks/results/learning_rate --variant ipd-lr-3e-4 --seeds 0 1 2
+
+With ``--control-folder`` the control rows come from another folder: e.g. a row re-made by another command on the same
+cache, where the last line says whether every episode's return repeated exactly.
 """
 from __future__ import annotations
 
@@ -21,19 +24,24 @@ def _stages(row: dict) -> tuple:
     return aug.get("imagined_transitions"), round(float(aug.get("threshold", float("nan"))), 6)
 
 
-def paired_rows(folder: str, variant: str, control: str = "ipd", seeds: list[int] | None = None) -> list[dict]:
-    """One dict per (dataset, seed) holding both labels: dataset, seed, variant and control scores."""
+def paired_rows(folder: str, variant: str, control: str = "ipd", seeds: list[int] | None = None,
+                control_folder: str | None = None) -> list[dict]:
+    """One dict per (dataset, seed) holding both labels: dataset, seed, variant and control scores, and whether every
+    evaluation episode returned exactly the same."""
     pairs = []
     for vpath in sorted(glob.glob(os.path.join(folder, "runs", "*", f"{variant}_seed*.json"))):
         seed = int(vpath.rsplit("_seed", 1)[1][:-len(".json")])
-        cpath = os.path.join(os.path.dirname(vpath), f"{control}_seed{seed}.json")
+        cdir = os.path.dirname(vpath) if control_folder is None else \
+            os.path.join(control_folder, "runs", os.path.basename(os.path.dirname(vpath)))
+        cpath = os.path.join(cdir, f"{control}_seed{seed}.json")
         if (seeds is not None and seed not in seeds) or not os.path.exists(cpath):
             continue
         v, c = (json.load(open(p)) for p in (vpath, cpath))
         if _stages(v) != _stages(c):
             raise SystemExit(f"{vpath} and its control used different stages 1-2: {_stages(v)} vs {_stages(c)}")
         pairs.append({"dataset": v["dataset"], "seed": seed, "variant": v["normalized_score"],
-                      "control": c["normalized_score"], "imagined": _stages(v)[0]})
+                      "control": c["normalized_score"], "imagined": _stages(v)[0],
+                      "same_returns": v.get("returns") == c.get("returns")})
     return pairs
 
 
@@ -48,6 +56,7 @@ def report(pairs: list[dict], variant: str, control: str) -> str:
     if pairs:
         lines.append(f"| **mean over {len(pairs)} pairs** | | {np.mean([p['variant'] for p in pairs]):.1f} | "
                      f"{np.mean([p['control'] for p in pairs]):.1f} |")
+        lines.append(f"\nEvery episode's return identical in {sum(p['same_returns'] for p in pairs)} of {len(pairs)} pairs.")
     return "\n".join(lines)
 
 
@@ -57,8 +66,9 @@ def main() -> None:
     p.add_argument("--variant", required=True)
     p.add_argument("--control", default="ipd")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--control-folder", default=None, help="take the control rows from this results folder")
     a = p.parse_args()
-    pairs = paired_rows(a.folder, a.variant, a.control, a.seeds)
+    pairs = paired_rows(a.folder, a.variant, a.control, a.seeds, a.control_folder)
     if not pairs:
         raise SystemExit(f"no pairs of {a.variant} and {a.control} in {a.folder}")
     print(report(pairs, a.variant, a.control))

@@ -364,6 +364,7 @@ def test_paired_compares_only_same_stage_pairs(tmp_path):
     def row(label, seed, score, imagined=100, threshold=2.5):
         (ds / f"{label}_seed{seed}.json").write_text(json.dumps({
             "algo": label, "dataset": "d4rlstyle/hopper/medium-v0", "seed": seed, "normalized_score": score,
+            "returns": [score * 10, score * 20],
             "augmentation": {"imagined_transitions": imagined, "threshold": threshold}}))
 
     row("ipd", 0, 10.0), row("ipd-x", 0, 20.0), row("ipd", 1, 30.0), row("ipd-x", 1, 10.0), row("ipd-x", 2, 99.0)
@@ -371,6 +372,13 @@ def test_paired_compares_only_same_stage_pairs(tmp_path):
     assert [(p["seed"], p["variant"], p["control"]) for p in pairs] == [(0, 20.0, 10.0), (1, 10.0, 30.0)]
     assert "| **mean over 2 pairs** | | 15.0 | 20.0 |" in mod.report(pairs, "ipd-x", "ipd")
     assert [p["seed"] for p in mod.paired_rows(str(tmp_path), "ipd-x", seeds=[1])] == [1]
+    assert "identical in 0 of 2 pairs" in mod.report(pairs, "ipd-x", "ipd")
+    other = tmp_path / "other" / "runs" / ds.name  # the control re-made elsewhere, same returns
+    other.mkdir(parents=True)
+    (other / "ipd_seed0.json").write_text((ds / "ipd-x_seed0.json").read_text())
+    again = mod.paired_rows(str(tmp_path), "ipd-x", control_folder=str(tmp_path / "other"))
+    assert [(p["seed"], p["same_returns"]) for p in again] == [(0, True)]
+    assert "identical in 1 of 1 pairs" in mod.report(again, "ipd-x", "ipd")
     row("ipd", 2, 5.0, threshold=2.6)
     with pytest.raises(SystemExit, match="different stages"):
         mod.paired_rows(str(tmp_path), "ipd-x")
