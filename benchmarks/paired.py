@@ -18,6 +18,8 @@ import os
 
 import numpy as np
 
+from ipd_agent.bench import _row_path  # the harness's own row layout
+
 
 def _stages(row: dict) -> tuple:
     aug = row.get("augmentation") or {}
@@ -30,13 +32,14 @@ def paired_rows(folder: str, variant: str, control: str = "ipd", seeds: list[int
     evaluation episode returned exactly the same."""
     pairs = []
     for vpath in sorted(glob.glob(os.path.join(folder, "runs", "*", f"{variant}_seed*.json"))):
-        seed = int(vpath.rsplit("_seed", 1)[1][:-len(".json")])
-        cdir = os.path.dirname(vpath) if control_folder is None else \
-            os.path.join(control_folder, "runs", os.path.basename(os.path.dirname(vpath)))
-        cpath = os.path.join(cdir, f"{control}_seed{seed}.json")
+        with open(vpath) as f:
+            v = json.load(f)
+        seed = v["seed"]
+        cpath = _row_path(folder if control_folder is None else control_folder, v["dataset"], control, seed)
         if (seeds is not None and seed not in seeds) or not os.path.exists(cpath):
             continue
-        v, c = (json.load(open(p)) for p in (vpath, cpath))
+        with open(cpath) as f:
+            c = json.load(f)
         if _stages(v) != _stages(c):
             raise SystemExit(f"{vpath} and its control used different stages 1-2: {_stages(v)} vs {_stages(c)}")
         pairs.append({"dataset": v["dataset"], "seed": seed, "variant": v["normalized_score"],

@@ -16,7 +16,10 @@ import glob
 import json
 import os
 
+from ipd_agent.bench import _row_path, _write_row  # the harness's own row layout and atomic write
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def rename_rows(src: str, label: str, to: str, why: str, dst: str | None = None, copy: bool = False,
                 seeds: list[int] | None = None) -> list[str]:
@@ -26,16 +29,15 @@ def rename_rows(src: str, label: str, to: str, why: str, dst: str | None = None,
     dst = src if dst is None else dst
     pairs = []
     for path in sorted(glob.glob(os.path.join(src, "runs", "*", f"{label}_seed*.json"))):
-        seed_part = os.path.basename(path)[len(label):]  # "_seed<k>.json"
-        if seeds is not None and int(seed_part[len("_seed"):-len(".json")]) not in seeds:
-            continue
-        target = os.path.join(dst, "runs", os.path.basename(os.path.dirname(path)), to + seed_part)
-        if os.path.exists(target):
-            raise SystemExit(f"{target} exists; move it away first (nothing was renamed)")
         with open(path) as f:
             row = json.load(f)
+        if seeds is not None and row["seed"] not in seeds:
+            continue
         if row["algo"] != label:
             raise SystemExit(f"{path} is labelled {row['algo']!r}, not {label!r} (nothing was renamed)")
+        target = _row_path(dst, row["dataset"], to, row["seed"])
+        if os.path.exists(target):
+            raise SystemExit(f"{target} exists; move it away first (nothing was renamed)")
         pairs.append((path, target, row))
     if not pairs:
         raise SystemExit(f"no rows labelled {label!r} under {src}/runs")
@@ -45,9 +47,7 @@ def rename_rows(src: str, label: str, to: str, why: str, dst: str | None = None,
     for path, target, row in pairs:
         row["algo"] = to
         row.setdefault("renamed_from", []).append({"label": label, "folder": folder, "why": why})
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with open(target, "w") as f:
-            json.dump(row, f, indent=1)
+        _write_row(target, row)
         if not copy:
             os.remove(path)
     return [t for _, t, _ in pairs]

@@ -331,8 +331,9 @@ def test_rename_rows_relabels_with_provenance_and_never_overwrites(tmp_path):
     ds = src / "runs" / "d4rlstyle__hopper__medium-v0"
     ds.mkdir(parents=True)
     for seed in (0, 1, 3):
-        (ds / f"ipd-lr-3e-4_seed{seed}.json").write_text(json.dumps({"algo": "ipd-lr-3e-4", "seed": seed,
-                                                                     "normalized_score": 10.0 + seed}))
+        (ds / f"ipd-lr-3e-4_seed{seed}.json").write_text(json.dumps({
+            "algo": "ipd-lr-3e-4", "dataset": "d4rlstyle/hopper/medium-v0", "seed": seed,
+            "normalized_score": 10.0 + seed}))
     (ds / "ipd-lr-3e-4x_seed0.json").write_text(json.dumps({"algo": "ipd-lr-3e-4x"}))  # another label: untouched
     out = mod.rename_rows(str(src), "ipd-lr-3e-4", "ipd", "the profile's rate now", dst=str(dst), copy=True,
                           seeds=[0, 1])
@@ -344,7 +345,8 @@ def test_rename_rows_relabels_with_provenance_and_never_overwrites(tmp_path):
     with pytest.raises(SystemExit, match="exists"):  # seed 0 is already there: nothing moves, seed 3 included
         mod.rename_rows(str(src), "ipd-lr-3e-4", "ipd", "again", dst=str(dst))
     assert (ds / "ipd-lr-3e-4_seed3.json").exists() and not (dst / "runs" / ds.name / "ipd_seed3.json").exists()
-    (ds / "ipd-lr-3e-4_seed3.json").write_text(json.dumps({"algo": "dt", "seed": 3}))
+    (ds / "ipd-lr-3e-4_seed3.json").write_text(json.dumps({"algo": "dt", "dataset": "d4rlstyle/hopper/medium-v0",
+                                                           "seed": 3}))
     with pytest.raises(SystemExit, match="labelled 'dt'"):
         mod.rename_rows(str(src), "ipd-lr-3e-4", "old", "moved", seeds=[0, 3])
     assert (ds / "ipd-lr-3e-4_seed0.json").exists() and not (ds / "old_seed0.json").exists()
