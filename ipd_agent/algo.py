@@ -40,7 +40,7 @@ from .planner import PLANNER_EXECUTE, MPCPlanner
 from .policy import IPDPolicy, StatefulIPDWrapper
 from .transformer import (RTG_RELABELS, CausalTransformer, ReturnTokenModel, WindowSampler, advantage_weights,
                           fit_return_token_model, set_token_floor,
-                          WeightAverage, lr_lambda, taught_rows, value_guided_loss, value_returns_to_go)
+                          LR_SCHEDULES, WeightAverage, lr_lambda, taught_rows, value_guided_loss, value_returns_to_go)
 from .value import ValueFunctions, fit_value_functions, make_iql
 from .world_model import WorldModel, fit_world_model
 
@@ -100,6 +100,7 @@ class IPDConfig(TransformerConfig):
         self.batch_size = self.transformer.batch_size
         for section, field, allowed in (("transformer", "return_token", ("upper", "value")),
                                         ("transformer", "rtg_relabel", RTG_RELABELS),
+                                        ("transformer", "lr_schedule", LR_SCHEDULES),
                                         ("planner", "execute", PLANNER_EXECUTE)):
             got = getattr(getattr(self, section), field)
             if got not in allowed:  # caught here, not after hours of fitting
@@ -311,6 +312,8 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
             self._load_checkpoint(checkpoint_dir)
         impl = self._impl
         cfg = self._config
+        n_steps = cfg.transformer.n_steps if n_steps is None else n_steps
+        self._check_schedule(n_steps, resume)
         fingerprint = traj.fingerprint()  # one pass over the data, for both cache keys below
         data_key = _short_hash([cfg.value.to_dict(), cfg.world_model.to_dict(), cfg.gamma, fingerprint])
         fitted_key = int(impl.stages.data_key)
@@ -325,7 +328,6 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         logger = D3RLPyLogger(algo=self, adapter_factory=logger_adapter, experiment_name=name,
                               n_steps_per_epoch=n_steps_per_epoch, with_timestamp=with_timestamp)
         d3rlpy.base.save_config(self, logger)
-        n_steps = cfg.transformer.n_steps if n_steps is None else n_steps
 
         # stage 1: value function (d3rlpy IQL on the real data)
         if not impl.stages.is_done("value"):
@@ -385,6 +387,21 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         self.stage_times["transformer"] = self.stage_times.get("transformer", 0.0) + time.perf_counter() - t0
         logger.close()
         return {"stage_times": dict(self.stage_times), "augmentation": self.augmentation.summary(), "last": last}
+
+    def _check_schedule(self, n_steps: int, resume: bool) -> None:
+        """A cosine schedule ends at ``transformer.n_steps``: steps past it would train at rate 0 (wasted time)."""
+        tcfg = self._config.transformer
+        if tcfg.lr_schedule != "cosine":
+            return
+        # a fit continued in this process goes on with the same optimiser and schedule; a fresh, loaded or resumed
+        # one counts from 0 (resume restores the schedule of the interrupted call, whose end is this call's n_steps)
+        done = 0 if resume or getattr(self, "_optim", None) is None else int(self._sched.last_epoch)
+        if done + n_steps > tcfg.n_steps:
+            raise ValueError(
+                f"transformer.lr_schedule='cosine' decays the learning rate to 0 at transformer.n_steps="
+                f"{tcfg.n_steps}, but this fit would train to step {done + n_steps} of that schedule, and those steps "
+                f"would not move the policy. Set transformer.n_steps to the whole budget ({done + n_steps}) when "
+                f"creating the model, or use lr_schedule='constant'.")
 
     def augment(self, dataset: Any, show_progress: bool = True) -> AugmentationResult:
         """Runs only stages 3-5 (needs a fitted value function and world model)."""
@@ -463,7 +480,8 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
                                 seed=cfg.seed + int(impl.stages.transformer_steps), weights=weights)
         if getattr(self, "_optim", None) is None:
             self._optim = torch.optim.AdamW(net.parameters(), lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
-            self._sched = torch.optim.lr_scheduler.LambdaLR(self._optim, lr_lambda(tcfg.warmup_steps))
+            self._sched = torch.optim.lr_scheduler.LambdaLR(
+                self._optim, lr_lambda(tcfg.warmup_steps, tcfg.lr_schedule, tcfg.n_steps))
         # weight average: a continued fit in this process trains on from the raw weights; a loaded model (which
         # holds the average) trains on from the average
         ema = getattr(self, "_weight_average", None)

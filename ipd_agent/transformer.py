@@ -344,5 +344,22 @@ class WeightAverage:
         self.swapped = not self.swapped
 
 
-def lr_lambda(warmup: int):
-    return lambda step: min(1.0, (step + 1) / max(1, warmup))
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_lambda(warmup: int, schedule: str = "constant", horizon: int = 0):
+    """The learning-rate factor at each optimiser step: a linear warm-up over ``warmup`` steps, then 1 ("constant")
+    or a half cosine from 1 down to 0 at step ``horizon`` and 0 after it ("cosine").
+
+    ``step`` counts optimiser steps from 0, as ``LambdaLR`` passes it."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / max(1, warmup))
+        if schedule == "constant" or step < warmup:
+            return warm
+        progress = min(1.0, (step + 1 - warmup) / max(1, horizon + 1 - warmup))  # the last step's rate is not 0
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor

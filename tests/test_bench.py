@@ -233,6 +233,21 @@ def test_the_previous_rate_diagnostic_restores_1e_4():
     assert dataclasses.replace(old, learning_rate=3e-4) == make_ipd_config(cpu, 0).transformer
 
 
+def test_the_cosine_diagnostic_changes_only_the_schedule_and_reuses_the_stages():
+    """`--ablations lr-cosine` differs from the profile's `ipd` in the transformer's schedule alone, on the same cached
+    stages 1-2, so its rows pair with the table's `ipd` rows (benchmarks/paired.py)."""
+    import dataclasses
+
+    from ipd_agent.bench import _prefit_key, load_profile, make_ipd_config, stage_config
+
+    cpu, ds = load_profile("cpu"), "d4rlstyle/hopper/full-replay-v0"
+    overrides = _benchmark_script("head_to_head").VARIANTS["lr-cosine"]
+    cos = make_ipd_config(cpu, 0, overrides)
+    assert cos.transformer.lr_schedule == "cosine" and cos.transformer.n_steps == cpu.transformer_steps
+    assert dataclasses.replace(cos.transformer, lr_schedule="constant") == make_ipd_config(cpu, 0).transformer
+    assert _prefit_key(stage_config(cpu, 0, overrides), ds) == _prefit_key(stage_config(cpu, 0), ds)
+
+
 def test_planner_variants_share_the_stages_of_ipd():
     """Variants that only change how imagined data are made (the MPPI output, greedy rollouts) reuse ipd's cached value
     function and world model, so their rows compare with ipd's on the same stages 1-2."""
