@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from ipd_agent.bench import _row_path  # the harness's own row layout
+from ipd_agent.bench import row_path  # the harness's own row layout
 
 
 def _stages(row: dict) -> tuple:
@@ -35,7 +35,7 @@ def paired_rows(folder: str, variant: str, control: str = "ipd", seeds: list[int
         with open(vpath) as f:
             v = json.load(f)
         seed = v["seed"]
-        cpath = _row_path(folder if control_folder is None else control_folder, v["dataset"], control, seed)
+        cpath = row_path(folder if control_folder is None else control_folder, v["dataset"], control, seed)
         if (seeds is not None and seed not in seeds) or not os.path.exists(cpath):
             continue
         with open(cpath) as f:

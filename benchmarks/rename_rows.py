@@ -16,7 +16,7 @@ import glob
 import json
 import os
 
-from ipd_agent.bench import _row_path, _write_row  # the harness's own row layout and atomic write
+from ipd_agent.bench import row_path, write_row  # the harness's own row layout and atomic write
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +35,7 @@ def rename_rows(src: str, label: str, to: str, why: str, dst: str | None = None,
             continue
         if row["algo"] != label:
             raise SystemExit(f"{path} is labelled {row['algo']!r}, not {label!r} (nothing was renamed)")
-        target = _row_path(dst, row["dataset"], to, row["seed"])
+        target = row_path(dst, row["dataset"], to, row["seed"])
         if os.path.exists(target):
             raise SystemExit(f"{target} exists; move it away first (nothing was renamed)")
         pairs.append((path, target, row))
@@ -47,7 +47,7 @@ def rename_rows(src: str, label: str, to: str, why: str, dst: str | None = None,
     for path, target, row in pairs:
         row["algo"] = to
         row.setdefault("renamed_from", []).append({"label": label, "folder": folder, "why": why})
-        _write_row(target, row)
+        write_row(target, row)
         if not copy:
             os.remove(path)
     return [t for _, t, _ in pairs]

@@ -186,7 +186,7 @@ def run_one(algo_name: str, dataset_id: str, seed: int, profile: Profile, out_di
 
     torch.set_num_threads(profile.threads)
     label = _run_label(algo_name, tag)
-    path = _row_path(out_dir, dataset_id, label, seed)
+    path = row_path(out_dir, dataset_id, label, seed)
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
@@ -263,7 +263,7 @@ def run_one(algo_name: str, dataset_id: str, seed: int, profile: Profile, out_di
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # whole process, one run each
         "versions": versions(), "config": config, **extra,
     }
-    _write_row(path, row)
+    write_row(path, row)
     return row
 
 
@@ -272,11 +272,11 @@ def _run_label(algo_name: str, tag: str = "") -> str:
     return algo_name + (f"-{tag}" if tag else "")
 
 
-def _row_path(out_dir: str, dataset_id: str, label: str, seed: int) -> str:
+def row_path(out_dir: str, dataset_id: str, label: str, seed: int) -> str:
     return os.path.join(out_dir, "runs", dataset_id.replace("/", "__"), f"{label}_seed{seed}.json")
 
 
-def _write_row(path: str, row: dict) -> None:
+def write_row(path: str, row: dict) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -392,7 +392,7 @@ def _prefit_job(dataset_id: str, seed: int, profile: Profile, out_dir: str, over
 
 
 def _job_row_path(out_dir: str, job: dict) -> str:
-    return _row_path(out_dir, job["dataset"], _run_label(job["algo"], job.get("tag", "")), job["seed"])
+    return row_path(out_dir, job["dataset"], _run_label(job["algo"], job.get("tag", "")), job["seed"])
 
 
 def _finished_rows(jobs: list[dict], out_dir: str) -> tuple[list[dict], list[dict]]:
@@ -460,7 +460,7 @@ def _ray_sweep(jobs: list[dict], profile: Profile, out_dir: str, dataset_root: O
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 row = ray.get(done[0])
-                _write_row(_row_path(out_dir, row["dataset"], row["algo"], row["seed"]), row)
+                write_row(row_path(out_dir, row["dataset"], row["algo"], row["seed"]), row)
                 rows.append(row)
                 _report(row, show_progress)
                 bar.update(1)

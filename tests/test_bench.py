@@ -78,7 +78,7 @@ def test_the_same_sweep_runs_on_ray(hopper_episodes, tmp_path):
 
 
 def test_stages_one_and_two_are_planned_once_per_setting(tmp_path):
-    from ipd_agent.bench import _prefits_needed, _row_path, _write_row
+    from ipd_agent.bench import _prefits_needed, row_path, write_row
 
     d = "ipdtest/hopper-random-v0"
     jobs = [{"algo": "ipd", "dataset": d, "seed": 0},
@@ -92,7 +92,7 @@ def test_stages_one_and_two_are_planned_once_per_setting(tmp_path):
             {"algo": "bc", "dataset": d, "seed": 0}]
     needed = _prefits_needed(jobs, PROFILE, str(tmp_path))
     assert [(j.get("tag", ""), j["seed"]) for j in needed] == [("", 0), ("big-wm", 0), ("", 1)]
-    _write_row(_row_path(str(tmp_path), d, "ipd", 1), {"algo": "ipd"})  # a finished run needs no prefit
+    write_row(row_path(str(tmp_path), d, "ipd", 1), {"algo": "ipd"})  # a finished run needs no prefit
     assert [(j.get("tag", ""), j["seed"]) for j in _prefits_needed(jobs, PROFILE, str(tmp_path))] == [("", 0),
                                                                                                      ("big-wm", 0)]
 
