@@ -26,6 +26,15 @@ def _stages(row: dict) -> tuple:
     return aug.get("imagined_transitions"), round(float(aug.get("threshold", float("nan"))), 6)
 
 
+def _last_move(row: dict) -> float:
+    """How far the score moved between the last two learning-curve checkpoints (nan without two): a last iterate that
+    depends on where training stopped moves a lot there."""
+    curve = row.get("learning_curve") or []
+    if len(curve) < 2:
+        return float("nan")
+    return abs(curve[-1]["normalized_score"] - curve[-2]["normalized_score"])
+
+
 def paired_rows(folder: str, variant: str, control: str = "ipd", seeds: list[int] | None = None,
                 control_folder: str | None = None) -> list[dict]:
     """One dict per (dataset, seed) holding both labels: dataset, seed, variant and control scores, and whether every
@@ -44,7 +53,8 @@ def paired_rows(folder: str, variant: str, control: str = "ipd", seeds: list[int
             raise SystemExit(f"{vpath} and its control used different stages 1-2: {_stages(v)} vs {_stages(c)}")
         pairs.append({"dataset": v["dataset"], "seed": seed, "variant": v["normalized_score"],
                       "control": c["normalized_score"], "imagined": _stages(v)[0],
-                      "same_returns": v.get("returns") == c.get("returns")})
+                      "same_returns": v.get("returns") == c.get("returns"),
+                      "variant_last_move": _last_move(v), "control_last_move": _last_move(c)})
     return pairs
 
 
@@ -63,6 +73,19 @@ def report(pairs: list[dict], variant: str, control: str) -> str:
     return "\n".join(lines)
 
 
+def spread_report(pairs: list[dict], variant: str, control: str) -> str:
+    """Per dataset, for each label: the std over seeds of the final score (population std, as the head-to-head table)
+    and the mean move between the last two learning-curve checkpoints."""
+    lines = [f"| dataset | {variant}: std over seeds | {variant}: mean move over the last checkpoint | "
+             f"{control}: std over seeds | {control}: mean move over the last checkpoint |", "|---|---|---|---|---|"]
+    for d in sorted({p["dataset"] for p in pairs}):
+        ps = [p for p in pairs if p["dataset"] == d]
+        cells = [f"{np.std([p[k] for p in ps]):.1f} | {np.mean([p[f'{k}_last_move'] for p in ps]):.1f}"
+                 for k in ("variant", "control")]
+        lines.append(f"| {d.replace('d4rlstyle/', '').replace('-v0', '')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="results folder with runs/<dataset>/<label>_seed<k>.json")
@@ -75,6 +98,8 @@ def main() -> None:
     if not pairs:
         raise SystemExit(f"no pairs of {a.variant} and {a.control} in {a.folder}")
     print(report(pairs, a.variant, a.control))
+    print()
+    print(spread_report(pairs, a.variant, a.control))
 
 
 if __name__ == "__main__":

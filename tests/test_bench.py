@@ -382,6 +382,7 @@ def test_paired_compares_only_same_stage_pairs(tmp_path):
         (ds / f"{label}_seed{seed}.json").write_text(json.dumps({
             "algo": label, "dataset": "d4rlstyle/hopper/medium-v0", "seed": seed, "normalized_score": score,
             "returns": [score * 10, score * 20],
+            "learning_curve": [{"step": 50, "normalized_score": score / 2}, {"step": 100, "normalized_score": score}],
             "augmentation": {"imagined_transitions": imagined, "threshold": threshold}}))
 
     row("ipd", 0, 10.0), row("ipd-x", 0, 20.0), row("ipd", 1, 30.0), row("ipd-x", 1, 10.0), row("ipd-x", 2, 99.0)
@@ -389,6 +390,8 @@ def test_paired_compares_only_same_stage_pairs(tmp_path):
     assert [(p["seed"], p["variant"], p["control"]) for p in pairs] == [(0, 20.0, 10.0), (1, 10.0, 30.0)]
     assert "| **mean over 2 pairs** | | 15.0 | 20.0 |" in mod.report(pairs, "ipd-x", "ipd")
     assert [p["seed"] for p in mod.paired_rows(str(tmp_path), "ipd-x", seeds=[1])] == [1]
+    # spread: std over seeds (population, as the table) and the mean move over the last checkpoint, per label
+    assert "| hopper/medium | 5.0 | 7.5 | 10.0 | 10.0 |" in mod.spread_report(pairs, "ipd-x", "ipd")
     assert "identical in 0 of 2 pairs" in mod.report(pairs, "ipd-x", "ipd")
     other = tmp_path / "other" / "runs" / ds.name  # the control re-made elsewhere, same returns
     other.mkdir(parents=True)
