@@ -17,22 +17,31 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from head_to_head import load_rows, short  # noqa: E402  (the report's own row reader)
+from head_to_head import curve_table, load_rows, short  # noqa: E402  (the report's own reader and curves)
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def pooled_table(folders: list[str], labels: list[str], datasets: list[str]) -> str:
-    scores: dict = {}  # (dataset, label) -> {seed: score}
+def pooled_rows(folders: list[str], labels: list[str], datasets: list[str]) -> list[dict]:
+    """Every row of these labels and datasets in the folders, one per (dataset, label, seed)."""
+    rows, seen = [], set()
     for folder in folders:
         for r in load_rows(folder):
             if r["algo"] not in labels or r["dataset"] not in datasets:
                 continue
-            seen = scores.setdefault((r["dataset"], r["algo"]), {})
-            if r["seed"] in seen:  # one run per seed: two folders holding the same seed would count it twice
+            key = (r["dataset"], r["algo"], r["seed"])
+            if key in seen:  # one run per seed: two folders holding the same seed would count it twice
                 raise SystemExit(f"{r['algo']} seed {r['seed']} on {r['dataset']} is in more than one folder; "
                                  "move one aside.")
-            seen[r["seed"]] = float(r["normalized_score"])
+            seen.add(key)
+            rows.append(r)
+    return rows
+
+
+def pooled_table(folders: list[str], labels: list[str], datasets: list[str]) -> str:
+    scores: dict = {}  # (dataset, label) -> {seed: score}
+    for r in pooled_rows(folders, labels, datasets):
+        scores.setdefault((r["dataset"], r["algo"]), {})[r["seed"]] = float(r["normalized_score"])
     lines = ["| dataset | label | seeds | mean ± std | per seed |", "|---|---|---|---|---|"]
     for d in datasets:
         for a in labels:
@@ -55,6 +64,9 @@ def main() -> None:
     p.add_argument("--out", help="also write the table to this markdown file")
     args = p.parse_args()
     table = pooled_table(args.folders, args.labels, args.datasets)
+    curves = curve_table(pooled_rows(args.folders, args.labels, args.datasets))
+    if curves:  # where each label's score stands at each share of its budget, over the same pooled seeds
+        table += "\n\nMean learning curves over the same seeds:\n\n" + curves
     print(table)
     if args.out:
         with open(args.out, "w") as f:

@@ -279,6 +279,7 @@ def test_pooled_seeds_tables_every_seed_once(tmp_path):
     table = mod.pooled_table([str(tmp_path / "a"), str(tmp_path / "b")], ["dt"], [ds])
     assert "| hopper/medium-replay | dt | 0,1,3 | 20.0 ± 8.2 | 10.0 / 20.0 / 30.0 |" in table
     assert "bc" not in table
+    assert sorted(r["seed"] for r in mod.pooled_rows([str(tmp_path / "a"), str(tmp_path / "b")], ["dt"], [ds])) == [0, 1, 3]
     put("b", "dt", 1, 25.0)
     with pytest.raises(SystemExit, match="more than one folder"):
         mod.pooled_table([str(tmp_path / "a"), str(tmp_path / "b")], ["dt"], [ds])
