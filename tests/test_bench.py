@@ -233,18 +233,20 @@ def test_the_previous_rate_diagnostic_restores_1e_4():
     assert dataclasses.replace(old, learning_rate=3e-4) == make_ipd_config(cpu, 0).transformer
 
 
-def test_the_cosine_diagnostic_changes_only_the_schedule_and_reuses_the_stages():
-    """`--ablations lr-cosine` differs from the profile's `ipd` in the transformer's schedule alone, on the same cached
-    stages 1-2, so its rows pair with the table's `ipd` rows (benchmarks/paired.py)."""
+@pytest.mark.parametrize("tag, field, value, profile_value", [("lr-cosine", "lr_schedule", "cosine", "constant"),
+                                                              ("ema-0.9995", "ema_decay", 0.9995, 0.999)])
+def test_transformer_diagnostics_change_one_setting_and_reuse_the_stages(tag, field, value, profile_value):
+    """`--ablations lr-cosine` / `ema-0.9995` differ from the profile's `ipd` in one transformer setting alone, on the
+    same cached stages 1-2, so their rows pair with the table's `ipd` rows (benchmarks/paired.py)."""
     import dataclasses
 
     from ipd_agent.bench import _prefit_key, load_profile, make_ipd_config, stage_config
 
     cpu, ds = load_profile("cpu"), "d4rlstyle/hopper/full-replay-v0"
-    overrides = _benchmark_script("head_to_head").VARIANTS["lr-cosine"]
-    cos = make_ipd_config(cpu, 0, overrides)
-    assert cos.transformer.lr_schedule == "cosine" and cos.transformer.n_steps == cpu.transformer_steps
-    assert dataclasses.replace(cos.transformer, lr_schedule="constant") == make_ipd_config(cpu, 0).transformer
+    overrides = _benchmark_script("head_to_head").VARIANTS[tag]
+    got = make_ipd_config(cpu, 0, overrides)
+    assert getattr(got.transformer, field) == value and got.transformer.n_steps == cpu.transformer_steps
+    assert dataclasses.replace(got.transformer, **{field: profile_value}) == make_ipd_config(cpu, 0).transformer
     assert _prefit_key(stage_config(cpu, 0, overrides), ds) == _prefit_key(stage_config(cpu, 0), ds)
 
 
