@@ -92,9 +92,9 @@ DIAGNOSTICS = {
     "lr-cosine": {"transformer": {"lr_schedule": "cosine"}},
     # the constant rate after warm-up (the profile's schedule until a switch to cosine)
     "lr-constant": {"transformer": {"lr_schedule": "constant"}},
-    # the weight average over ~2,000 steps instead of ~1,000: on hopper full-replay the policy is at its best near
-    # 60 % of the budget and degrades after (mean over seeds 0-6: 78.0 at 60 %, 60.2 at the end); a longer average
-    # keeps more of those weights in the deployed policy
+    # meant as a weight average over ~2,000 steps instead of ~1,000 (hopper full-replay is at its best near 60 % of
+    # the budget). A no-op at 5,000 steps: the average's warm-up caps its decay at (1 + n) / (10 + n) = 0.9982 by the
+    # last step, below both 0.999 and 0.9995, so its runs repeat the profile's episode for episode (2 of 2 seeds)
     "ema-0.9995": {"transformer": {"ema_decay": 0.9995}},
 }
 VARIANTS = {**ABLATIONS, **DIAGNOSTICS}

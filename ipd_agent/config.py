@@ -99,7 +99,8 @@ class TransformerNetConfig(SerializableConfig):
     # the last iterates barely move and the deployed policy does not depend on where training stopped
     lr_schedule: str = "constant"
     grad_clip: float = 0.25  # gradient norm clip (DT recipe)
-    # exponential moving average of the weights, used for evaluation and deployment; 0 deploys the last iterate
+    # exponential moving average of the weights, used for evaluation and deployment; 0 deploys the last iterate.
+    # Warmed up as min(ema_decay, (1 + n) / (10 + n)) after n steps, so it spans at most about the last n / 9 steps
     ema_decay: float = 0.0
     value_guidance: float = 1.0  # alpha: weight of the -Q(s, pi)/mean|Q| term; 0 disables it
     # beta: weight each action's imitation error by min(exp(beta * A(s, a)), 100), A = Q - V of stage 1 on IQL's own

@@ -312,8 +312,11 @@ class WeightAverage:
     """Exponential moving average of a network's parameters, swapped into the network for evaluation and deployment.
 
     One iterate of the policy can swing a lot between nearby steps (hopper full-replay, seeds 0-2: 85-88 at 80 % of
-    training, 39-81 at the last step); the average over the last ~1/(1 - decay) steps is one policy that does not
-    depend on where training happened to stop. ``swap()`` exchanges the two sets of weights in place, so calling it
+    training, 39-81 at the last step); the average over the last steps is one policy that does not depend on where
+    training happened to stop. The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so the average
+    spans about the last (10 + n) / 9 steps until n = 9 / (1 - decay) - 10 (8,990 updates for 0.999), and 1 / (1 -
+    decay) after: over 5,000 steps 0.999 ends at 0.9982 (about 560 steps), and any decay above that deploys the same
+    weights (``ema-0.9995`` in benchmarks/head_to_head.py repeated the profile's runs episode for episode). ``swap()`` exchanges the two sets of weights in place, so calling it
     twice restores the network exactly.
     """
 
