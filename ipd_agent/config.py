@@ -96,7 +96,7 @@ class TransformerNetConfig(SerializableConfig):
     weight_decay: float = 1e-4  # AdamW weight decay
     warmup_steps: int = 1000  # linear learning-rate warm-up
     # after the warm-up: "constant" keeps learning_rate; "cosine" decays it along a half cosine to 0 at n_steps, so
-    # the last iterates barely move and the deployed policy does not depend on where training stopped
+    # the last iterates barely move (on the CPU benchmark it did not steady hopper's scores: PROFILE_HISTORY.md)
     lr_schedule: str = "constant"
     grad_clip: float = 0.25  # gradient norm clip (DT recipe)
     # exponential moving average of the weights, used for evaluation and deployment; 0 deploys the last iterate.
