@@ -15,10 +15,14 @@ import argparse
 import glob
 import json
 import os
+import sys
 
 import numpy as np
 
 from ipd_agent.bench import row_path  # the harness's own row layout
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from head_to_head import short  # noqa: E402  (the report's dataset names)
 
 
 def _stages(row: dict) -> tuple:
@@ -63,7 +67,7 @@ def report(pairs: list[dict], variant: str, control: str) -> str:
     for d in sorted({p["dataset"] for p in pairs}):
         ps = [p for p in pairs if p["dataset"] == d]
         seeds = ", ".join(str(p["seed"]) for p in ps)
-        lines.append(f"| {d.replace('d4rlstyle/', '').replace('-v0', '')} | {seeds} | "
+        lines.append(f"| {short(d)} | {seeds} | "
                      + " / ".join(f"{p['variant']:.1f}" for p in ps) + f" = {np.mean([p['variant'] for p in ps]):.1f} | "
                      + " / ".join(f"{p['control']:.1f}" for p in ps) + f" = {np.mean([p['control'] for p in ps]):.1f} |")
     if pairs:
@@ -82,7 +86,7 @@ def spread_report(pairs: list[dict], variant: str, control: str) -> str:
         ps = [p for p in pairs if p["dataset"] == d]
         cells = [f"{np.std([p[k] for p in ps]):.1f} | {np.mean([p[f'{k}_last_move'] for p in ps]):.1f}"
                  for k in ("variant", "control")]
-        lines.append(f"| {d.replace('d4rlstyle/', '').replace('-v0', '')} | " + " | ".join(cells) + " |")
+        lines.append(f"| {short(d)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

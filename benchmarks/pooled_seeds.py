@@ -38,9 +38,11 @@ def pooled_rows(folders: list[str], labels: list[str], datasets: list[str]) -> l
     return rows
 
 
-def pooled_table(folders: list[str], labels: list[str], datasets: list[str]) -> str:
+def pooled_table(folders: list[str], labels: list[str], datasets: list[str],
+                 rows: list[dict] | None = None) -> str:
+    """Mean ± std over every pooled seed per (dataset, label); ``rows``: the folders' ``pooled_rows``, if read."""
     scores: dict = {}  # (dataset, label) -> {seed: score}
-    for r in pooled_rows(folders, labels, datasets):
+    for r in pooled_rows(folders, labels, datasets) if rows is None else rows:
         scores.setdefault((r["dataset"], r["algo"]), {})[r["seed"]] = float(r["normalized_score"])
     lines = ["| dataset | label | seeds | mean ± std | per seed |", "|---|---|---|---|---|"]
     for d in datasets:
@@ -63,8 +65,9 @@ def main() -> None:
     p.add_argument("--datasets", nargs="+", required=True)
     p.add_argument("--out", help="also write the table to this markdown file")
     args = p.parse_args()
-    table = pooled_table(args.folders, args.labels, args.datasets)
-    curves = curve_table(pooled_rows(args.folders, args.labels, args.datasets))
+    rows = pooled_rows(args.folders, args.labels, args.datasets)
+    table = pooled_table(args.folders, args.labels, args.datasets, rows)
+    curves = curve_table(rows)
     if curves:  # where each label's score stands at each share of its budget, over the same pooled seeds
         table += "\n\nMean learning curves over the same seeds:\n\n" + curves
     print(table)

@@ -316,8 +316,8 @@ class WeightAverage:
     training happened to stop. The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so the average
     spans about the last (10 + n) / 9 steps until n = 9 / (1 - decay) - 10 (8,990 updates for 0.999), and 1 / (1 -
     decay) after: over 5,000 steps 0.999 ends at 0.9982 (about 560 steps), and any decay above that deploys the same
-    weights (``ema-0.9995`` in benchmarks/head_to_head.py repeated the profile's runs episode for episode). ``swap()`` exchanges the two sets of weights in place, so calling it
-    twice restores the network exactly.
+    weights (``ema-0.9995`` in benchmarks/head_to_head.py repeated the profile's runs episode for episode).
+    ``swap()`` exchanges the two sets of weights in place, so calling it twice restores the network exactly.
     """
 
     def __init__(self, net: nn.Module, decay: float) -> None:
@@ -333,10 +333,14 @@ class WeightAverage:
         if self.swapped:
             raise RuntimeError("WeightAverage.update() while the average is swapped in; swap() back first")
         self.n_updates += 1
-        # the first updates follow the weights closely, so the random initialisation is forgotten quickly
-        decay = min(self.decay, (1 + self.n_updates) / (10 + self.n_updates))
+        decay = self.effective_decay()
         for a, p in zip(self.average, self.params):
             a.lerp_(p.detach(), 1.0 - decay)
+
+    def effective_decay(self) -> float:
+        """The decay the latest update used: the first updates follow the weights closely, so the random
+        initialisation is forgotten quickly."""
+        return min(self.decay, (1 + self.n_updates) / (10 + self.n_updates))
 
     @torch.no_grad()
     def swap(self) -> None:
