@@ -38,9 +38,9 @@ from .config import AugmentConfig, PlannerConfig, TransformerNetConfig, ValueCon
 from .data import DatasetError, Trajectories, check_unit_box, to_trajectories
 from .planner import PLANNER_EXECUTE, MPCPlanner
 from .policy import IPDPolicy, StatefulIPDWrapper
-from .transformer import (RTG_RELABELS, CausalTransformer, ReturnTokenModel, WindowSampler, advantage_weights,
-                          fit_return_token_model, set_token_floor,
-                          LR_SCHEDULES, WeightAverage, lr_lambda, taught_rows, value_guided_loss, value_returns_to_go)
+from .transformer import (EMA_WARMUPS, LR_SCHEDULES, RTG_RELABELS, CausalTransformer, ReturnTokenModel, WindowSampler,
+                          WeightAverage, advantage_weights, fit_return_token_model, lr_lambda, set_token_floor,
+                          taught_rows, value_guided_loss, value_returns_to_go)
 from .value import ValueFunctions, fit_value_functions, make_iql
 from .world_model import WorldModel, fit_world_model
 
@@ -101,6 +101,7 @@ class IPDConfig(TransformerConfig):
         for section, field, allowed in (("transformer", "return_token", ("upper", "value")),
                                         ("transformer", "rtg_relabel", RTG_RELABELS),
                                         ("transformer", "lr_schedule", LR_SCHEDULES),
+                                        ("transformer", "ema_warmup", EMA_WARMUPS),
                                         ("planner", "execute", PLANNER_EXECUTE)):
             got = getattr(getattr(self, section), field)
             if got not in allowed:  # caught here, not after hours of fitting
@@ -492,8 +493,8 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
                 if same_net:
                     ema.swap()
             if not same_net:
-                ema = WeightAverage(net, tcfg.ema_decay)
-            ema.decay = tcfg.ema_decay
+                ema = WeightAverage(net, tcfg.ema_decay, tcfg.ema_warmup)
+            ema.decay, ema.warmup = tcfg.ema_decay, tcfg.ema_warmup
         else:
             ema = None
         self._weight_average = ema

@@ -102,6 +102,9 @@ class TransformerNetConfig(SerializableConfig):
     # exponential moving average of the weights, used for evaluation and deployment; 0 deploys the last iterate.
     # Warmed up as min(ema_decay, (1 + n) / (10 + n)) after n steps, so it spans at most about the last n / 9 steps
     ema_decay: float = 0.0
+    # "capped": the warm-up above (the CPU profile's); "bias_corrected": every iterate weighted ema_decay^age and
+    # normalised (Adam's correction), so the average spans about 1 / (1 - ema_decay) steps once n exceeds that
+    ema_warmup: str = "capped"
     value_guidance: float = 1.0  # alpha: weight of the -Q(s, pi)/mean|Q| term; 0 disables it
     # beta: weight each action's imitation error by min(exp(beta * A(s, a)), 100), A = Q - V of stage 1 on IQL's own
     # reward scale (IQL's actor uses beta = value.weight_temp = 3), so where the data mixes good and bad actions for

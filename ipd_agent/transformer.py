@@ -29,7 +29,8 @@ from .data import Trajectories
 from .value import map_rows
 
 __all__ = ["value_returns_to_go", "taught_rows", "WindowSampler", "advantage_weights", "CausalTransformer",
-           "value_guided_loss", "ReturnTokenModel", "fit_return_token_model", "set_token_floor", "WeightAverage"]
+           "value_guided_loss", "ReturnTokenModel", "fit_return_token_model", "set_token_floor", "WeightAverage",
+           "EMA_WARMUPS"]
 
 
 RTG_RELABELS = ("max", "mc", "one_step")  # the return-token relabels value_returns_to_go knows (config checks these)
@@ -308,6 +309,9 @@ def set_token_floor(model: ReturnTokenModel, obs: np.ndarray, quantile: Optional
     return float(model.floor)
 
 
+EMA_WARMUPS = ("capped", "bias_corrected")
+
+
 class WeightAverage:
     """Exponential moving average of a network's parameters, swapped into the network for evaluation and deployment.
 
@@ -317,13 +321,19 @@ class WeightAverage:
     spans about the last (10 + n) / 9 steps until n = 9 / (1 - decay) - 10 (8,990 updates for 0.999), and 1 / (1 -
     decay) after: over 5,000 steps 0.999 ends at 0.9982 (about 560 steps), and any decay above that deploys the same
     weights (``ema-0.9995`` in benchmarks/head_to_head.py repeated the profile's runs episode for episode).
+    ``warmup="bias_corrected"`` instead weights every iterate since the first update by decay^age and normalises (Adam's
+    bias correction), so the average spans about 1 / (1 - decay) steps from the start: at 5,000 steps 0.999 spans
+    about 1,000 and 0.9995 about 2,000, with the initial weights given no weight at all.
     ``swap()`` exchanges the two sets of weights in place, so calling it twice restores the network exactly.
     """
 
-    def __init__(self, net: nn.Module, decay: float) -> None:
+    def __init__(self, net: nn.Module, decay: float, warmup: str = "capped") -> None:
+        if warmup not in EMA_WARMUPS:
+            raise ValueError(f"ema_warmup must be one of {EMA_WARMUPS}, got {warmup!r}")
         self.params = [p for p in net.parameters()]
         self.average = [p.detach().clone() for p in self.params]
         self.decay = decay
+        self.warmup = warmup
         self.n_updates = 0  # a resumed fit restores it from its train state
         self.swapped = False  # True while the network holds the average (and ``average`` the raw weights)
         self.deployed: list = []  # the average as fit left it in the network
@@ -340,6 +350,8 @@ class WeightAverage:
     def effective_decay(self) -> float:
         """The decay the latest update used: the first updates follow the weights closely, so the random
         initialisation is forgotten quickly."""
+        if self.warmup == "bias_corrected":  # 1 - (1 - d) / (1 - d^n): the n-th iterate's share of the normalised sum
+            return 1.0 - (1.0 - self.decay) / (1.0 - self.decay ** max(1, self.n_updates))
         return min(self.decay, (1 + self.n_updates) / (10 + self.n_updates))
 
     @torch.no_grad()

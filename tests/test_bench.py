@@ -405,3 +405,35 @@ def test_paired_compares_only_same_stage_pairs(tmp_path):
     row("ipd", 2, 5.0, threshold=2.6)
     with pytest.raises(SystemExit, match="different stages"):
         mod.paired_rows(str(tmp_path), "ipd-x")
+
+
+def test_weight_averages_deploy_several_averages_of_the_harness_own_training_run(hopper_episodes, tmp_path):
+    """benchmarks/weight_averages.py: one fit, one row per deployment. Its control row (the profile's own average) repeats
+    the harness's `ipd` row episode for episode, so the other rows differ from it only by how the same iterates are
+    averaged."""
+    import dataclasses
+
+    from ipd_agent.bench import run_one
+
+    mod = _benchmark_script("weight_averages")
+    root = tmp_path / "datasets"
+    write_minari(root, "ipdtest/hopper-random-v0", "Hopper-v5", hopper_episodes[:40])
+    prof = dataclasses.replace(PROFILE, ipd={**PROFILE.ipd, "transformer": {"ema_decay": 0.999}})
+    out = str(tmp_path / "results")
+    rows = {r["algo"]: r for r in mod.run("ipdtest/hopper-random-v0", 0, out, prof, (0.9, 0.95), str(root))}
+    assert list(rows) == mod.labels((0.9, 0.95)) == ["ipd-avg-capped-0.999", "ipd-avg-bc-0.9", "ipd-avg-bc-0.95",
+                                                     "ipd-avg-last-iterate"]
+    table = run_one("ipd", "ipdtest/hopper-random-v0", 0, prof, out, dataset_root=str(root))  # same stage cache
+    control = rows["ipd-avg-capped-0.999"]
+    assert control["returns"] == table["returns"] and control["learning_curve"] == table["learning_curve"]
+    assert len({tuple(r["returns"]) for r in rows.values()}) > 1  # other weights, other episodes
+    for name, r in rows.items():
+        assert len(r["returns"]) == prof.eval_episodes and r["learning_curve"][-1]["normalized_score"] == \
+            r["normalized_score"], name
+        assert r["augmentation"] == table["augmentation"]  # one training run, the table's stages
+    assert rows["ipd-avg-bc-0.9"]["config"]["transformer"]["ema_warmup"] == "bias_corrected"
+    assert rows["ipd-avg-bc-0.95"]["config"]["transformer"]["ema_decay"] == 0.95
+    assert rows["ipd-avg-last-iterate"]["config"]["transformer"]["ema_decay"] == 0.0
+    t0 = time.perf_counter()
+    assert mod.run("ipdtest/hopper-random-v0", 0, out, prof, (0.9, 0.95), str(root)) == list(rows.values())
+    assert time.perf_counter() - t0 < 5  # finished: read back, not refitted

@@ -105,3 +105,38 @@ def test_the_warm_up_caps_the_decay_so_a_higher_decay_changes_nothing_within_its
     for x, y in zip(a.average, b.average):
         assert torch.equal(x, y)
     assert a.effective_decay() == b.effective_decay() == pytest.approx(0.9982, abs=1e-4)
+
+
+def test_the_bias_corrected_average_is_the_normalised_decay_weighted_sum_of_every_iterate():
+    """``ema_warmup="bias_corrected"``: after n updates the average is sum_t d^(n-t) w_t / sum_t d^(n-t) over the
+    iterates w_1..w_n (Adam's correction), so the initial weights count for nothing and the span is 1 / (1 - d)."""
+    from ipd_agent.transformer import WeightAverage
+
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2).double()
+    d, n = 0.99, 400
+    avg = WeightAverage(net, decay=d, warmup="bias_corrected")
+    iterates = []
+    with torch.no_grad():
+        for _ in range(n):
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))  # a random walk: every iterate differs
+            iterates.append(_params(net))
+            avg.update()
+    w = d ** np.arange(n - 1, -1, -1)
+    w /= w.sum()
+    for i, a in enumerate(avg.average):
+        expected = sum(float(wt) * it[i] for wt, it in zip(w, iterates))
+        torch.testing.assert_close(a, expected)
+    capped = WeightAverage(net, decay=d)
+    capped.n_updates = n
+    assert avg.effective_decay() != capped.effective_decay()  # the two warm-ups differ at this n
+
+
+def test_an_unknown_ema_warmup_is_rejected():
+    from ipd_agent.transformer import WeightAverage
+
+    with pytest.raises(ValueError, match="ema_warmup"):
+        tiny_config(transformer={"ema_warmup": "bias-corrected"})
+    with pytest.raises(ValueError, match="ema_warmup"):
+        WeightAverage(nn.Linear(2, 2), 0.9, warmup="none")
