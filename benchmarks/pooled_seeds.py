@@ -54,6 +54,13 @@ def pooled_table(folders: list[str], labels: list[str], datasets: list[str],
             v = np.array([got[s] for s in seeds])
             lines.append(f"| {short(d)} | {a} | {','.join(map(str, seeds))} | {v.mean():.1f} ± {v.std():.1f} | "
                          + " / ".join(f"{x:.1f}" for x in v) + " |")
+    if len(datasets) > 1:  # the mean over sets of the per-set means, as the head-to-head table's: only for a label on all
+        for a in labels:
+            if all(scores.get((d, a)) for d in datasets):
+                means = [np.mean(list(scores[(d, a)].values())) for d in datasets]
+                seeds = {tuple(sorted(scores[(d, a)])) for d in datasets}
+                seed_text = ",".join(map(str, seeds.pop())) if len(seeds) == 1 else "per set"
+                lines.append(f"| **mean over {len(datasets)} sets** | {a} | {seed_text} | {np.mean(means):.1f} | |")
     return "\n".join(lines)
 
 

@@ -42,8 +42,8 @@ def run(dataset_id: str, seed: int, out_dir: str, profile="cpu", decays=DEFAULT_
     ``profile`` is a ``Profile`` or a name / path for ``load_profile``; it must deploy a capped 0.999 average."""
     import torch
 
-    from ipd_agent.bench import (evaluate, load_profile, make_ipd_config, prefit_ipd, row_path, stage_config,
-                                 versions, write_row)
+    from ipd_agent.bench import (LearningCurve, evaluate, load_profile, make_ipd_config, prefit_ipd, row_path,
+                                 stage_config, versions, write_row)
     from ipd_agent.data import load_minari, normalized_score, reference_scores
     from ipd_agent.transformer import WeightAverage
 
@@ -51,7 +51,11 @@ def run(dataset_id: str, seed: int, out_dir: str, profile="cpu", decays=DEFAULT_
     names = labels(decays)
     paths = [row_path(out_dir, dataset_id, name, seed) for name in names]
     if all(os.path.exists(p) for p in paths):
-        return [json.load(open(p)) for p in paths]
+        rows = []
+        for p in paths:
+            with open(p) as f:
+                rows.append(json.load(f))
+        return rows
     torch.set_num_threads(profile.threads)
     if dataset_root:
         os.environ["MINARI_DATASETS_PATH"] = dataset_root
@@ -69,29 +73,27 @@ def run(dataset_id: str, seed: int, out_dir: str, profile="cpu", decays=DEFAULT_
     eval_env = meta.get("env_spec") or meta["env_id"]
     # the harness's learning-curve evaluations of the deployed average, as in the table's runs: the control row then
     # has the table row's curve, and the training run is the table's step for step
-    marks = {round(profile.transformer_steps * i / profile.curve_points) for i in range(1, profile.curve_points)}
-    curve = []
+    curve = LearningCurve(profile, profile.transformer_steps, eval_env, seed, ref)
 
     def on_step(model, epoch, step):
         if not extra:  # the first step: bias-corrected averages give the initial weights no weight, so start here
             extra.update({d: WeightAverage(model.impl.transformer, d, "bias_corrected") for d in decays})
         for avg in extra.values():
             avg.update()
-        if step in marks:
-            with model.deployed_weights():
-                r = evaluate(model, eval_env, profile.curve_episodes, seed)
-            curve.append({"step": step, "normalized_score": float(np.mean([normalized_score(x, ref) for x in r]))})
+        curve(model, epoch, step)
 
     t0 = time.perf_counter()
     out = algo.fit(traj, n_steps=profile.transformer_steps, n_steps_per_epoch=profile.transformer_steps,
                    show_progress=False, logger_adapter=d3rlpy.logging.NoopAdapterFactory(), callback=on_step)
-    train_time = time.perf_counter() - t0 + pre_times.get("value", 0.0) + pre_times.get("world_model", 0.0)
+    # as in run_one: the learning-curve evaluations are left out of the training time
+    train_time = (time.perf_counter() - t0 - curve.eval_time + pre_times.get("value", 0.0)
+                  + pre_times.get("world_model", 0.0))
     stage_times = {**pre_times, **{k: v for k, v in out["stage_times"].items() if k not in pre_times}}
     net = algo.impl.transformer
     fit_average = [p.detach().clone() for p in net.parameters()]  # what fit deployed: the profile's own average
     weights = {"ipd-avg-capped-0.999": fit_average,
                **{f"ipd-avg-bc-{d:g}": avg.average for d, avg in extra.items()},
-               "ipd-avg-last-iterate": algo._weight_average.average}  # swapped out of the net, so the raw weights
+               "ipd-avg-last-iterate": algo.last_iterate_weights()}
     rows = []
     for name, path in zip(names, paths):
         with torch.no_grad():
@@ -111,8 +113,8 @@ def run(dataset_id: str, seed: int, out_dir: str, profile="cpu", decays=DEFAULT_
                "eval_wall_time_s": time.perf_counter() - te, "stage_times_s": stage_times,
                "gradient_steps": profile.transformer_steps,
                # the intermediate points are the fit's own average's (as in the table); the last is this deployment
-               "learning_curve": curve + [{"step": profile.transformer_steps,
-                                           "normalized_score": float(np.mean(scores))}],
+               "learning_curve": curve.points + [{"step": profile.transformer_steps,
+                                                  "normalized_score": float(np.mean(scores))}],
                "deployment": "one transformer training run per (dataset, seed) shared by every ipd-avg-* row; "
                              "this row deploys " + name.removeprefix("ipd-avg-"),
                "augmentation": out["augmentation"], "profile": dataclasses.asdict(profile), "versions": versions(), "config": conf}

@@ -599,6 +599,15 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
                 ema.swap()
             net.train(was_training)
 
+    def last_iterate_weights(self) -> list:
+        """Copies of the transformer's raw parameters at the last training step (``net.parameters()`` order) while the
+        network holds the weight average ``fit`` deploys; ``None`` without a weight average (the network then holds
+        the last iterate itself). For diagnostics that deploy the last iterate beside the average."""
+        ema = getattr(self, "_weight_average", None)
+        if ema is None:
+            return None
+        return [w.detach().clone() for w in (ema.average if ema.swapped else ema.params)]
+
     # ----- checkpoints ---------------------------------------------------------------------
     def _matching_train_state(self, checkpoint_dir: str, n_steps: int) -> Optional[dict]:
         """The saved optimiser/RNG state written at the same transformer step as the loaded model, if any."""

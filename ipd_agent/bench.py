@@ -179,6 +179,34 @@ def evaluate(algo: Any, env_id: Any, episodes: int, seed: int, transformer_targe
     return rets
 
 
+class LearningCurve:
+    """The harness's learning curve, a ``fit`` callback: at ``profile.curve_points - 1`` evenly spaced steps before
+    the last it evaluates the model with ``profile.curve_episodes`` episodes (IPD: the weights ``fit`` would deploy
+    then, the weight average if configured) and keeps the point in ``points``; ``eval_time`` is the time spent
+    evaluating, which a row's training time leaves out. The final point is the run's own final evaluation."""
+
+    def __init__(self, profile: Profile, steps: int, env_id: Any, seed: int, ref,
+                 transformer_target: Optional[float] = None) -> None:
+        self.marks = {round(steps * i / profile.curve_points) for i in range(1, profile.curve_points)}
+        self.episodes, self.env_id, self.seed, self.ref = profile.curve_episodes, env_id, seed, ref
+        self.transformer_target = transformer_target
+        self.points: list[dict] = []
+        self.eval_time = 0.0
+
+    def __call__(self, model: Any, epoch: int, step: int) -> None:
+        from .algo import IPD
+        from .data import normalized_score
+
+        if step not in self.marks:
+            return
+        te = time.perf_counter()
+        # d3rlpy's algorithms switch to eval mode themselves
+        with model.deployed_weights() if isinstance(model, IPD) else contextlib.nullcontext():
+            r = evaluate(model, self.env_id, self.episodes, self.seed, self.transformer_target)
+        self.points.append({"step": step, "normalized_score": float(np.mean([normalized_score(x, self.ref) for x in r]))})
+        self.eval_time += time.perf_counter() - te
+
+
 def run_one(algo_name: str, dataset_id: str, seed: int, profile: Profile, out_dir: str, tag: str = "",
             ipd_overrides: Optional[dict] = None, dataset_root: Optional[str] = None) -> dict:
     """Trains and evaluates one (algorithm, dataset, seed); skips it if its result file exists."""
@@ -209,20 +237,7 @@ def run_one(algo_name: str, dataset_id: str, seed: int, profile: Profile, out_di
         target = next((v for k, v in profile.dt_target_return.items() if env_id.startswith(k)), 3600.0)
     eval_env = meta.get("env_spec") or env_id
     steps = profile.transformer_steps if algo_name in ("ipd", "dt") else profile.q_steps
-    # learning curve: a short evaluation at evenly spaced steps, timed apart from training
-    marks = {round(steps * i / profile.curve_points) for i in range(1, profile.curve_points)}
-    curve, eval_time = [], [0.0]
-
-    def on_step(model, epoch, step):
-        if step not in marks:
-            return
-        te = time.perf_counter()
-        # IPD: the weights fit would deploy now (the weight average if configured), without dropout; d3rlpy's
-        # algorithms switch modes themselves
-        with model.deployed_weights() if algo_name == "ipd" else contextlib.nullcontext():
-            r = evaluate(model, eval_env, profile.curve_episodes, seed, target)
-        curve.append({"step": step, "normalized_score": float(np.mean([normalized_score(x, ref) for x in r]))})
-        eval_time[0] += time.perf_counter() - te
+    curve = LearningCurve(profile, steps, eval_env, seed, ref, target)
 
     if algo_name == "ipd":
         cfg = make_ipd_config(profile, seed, ipd_overrides)
@@ -230,7 +245,7 @@ def run_one(algo_name: str, dataset_id: str, seed: int, profile: Profile, out_di
         t0 = time.perf_counter()  # stages 1-2 are timed by the prefit and added below
         out = algo.fit(traj, n_steps=profile.transformer_steps, n_steps_per_epoch=max(1, profile.transformer_steps),
                        experiment_name=f"{label}_{dataset_id.replace('/', '_')}_s{seed}", logger_adapter=adapter,
-                       show_progress=False, callback=on_step)
+                       show_progress=False, callback=curve)
         stage_times = {**pre_times, **{k: v for k, v in out["stage_times"].items() if k not in pre_times}}
         extra = {"augmentation": out["augmentation"]}
         config = json.loads(cfg.serialize())
@@ -238,14 +253,14 @@ def run_one(algo_name: str, dataset_id: str, seed: int, profile: Profile, out_di
         algo = _baseline(algo_name, profile, "cpu:0")
         ds = traj.to_d3rlpy()
         algo.fit(ds, n_steps=steps, n_steps_per_epoch=steps, experiment_name=f"{label}_{dataset_id.replace('/', '_')}_s{seed}",
-                 logger_adapter=adapter, show_progress=False, save_interval=10**9, callback=on_step)
+                 logger_adapter=adapter, show_progress=False, save_interval=10**9, callback=curve)
         config = json.loads(algo.config.serialize())
-    train_time = time.perf_counter() - t0 - eval_time[0]
+    train_time = time.perf_counter() - t0 - curve.eval_time
     if algo_name == "ipd":
         train_time += pre_times.get("value", 0.0) + pre_times.get("world_model", 0.0)
     rets = evaluate(algo, eval_env, profile.eval_episodes, seed, target)
     scores = [normalized_score(r, ref) for r in rets]
-    curve.append({"step": steps, "normalized_score": float(np.mean(scores))})
+    points = curve.points + [{"step": steps, "normalized_score": float(np.mean(scores))}]
     if algo_name == "ipd":
         extra["target_rtg"] = _target_rtg_eval(algo, traj, eval_env, profile.eval_episodes, seed, ref)
         model_path = os.path.join(out_dir, "models", dataset_id.replace("/", "__"), f"{label}_seed{seed}.d3")
@@ -259,7 +274,7 @@ def run_one(algo_name: str, dataset_id: str, seed: int, profile: Profile, out_di
         "return_mean": float(np.mean(rets)), "returns": [float(r) for r in rets],
         "normalized_score": float(np.mean(scores)), "train_wall_time_s": train_time,
         "stage_times_s": stage_times, "profile": dataclasses.asdict(profile),
-        "gradient_steps": steps, "learning_curve": curve,
+        "gradient_steps": steps, "learning_curve": points,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # whole process, one run each
         "versions": versions(), "config": config, **extra,
     }

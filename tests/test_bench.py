@@ -282,6 +282,14 @@ def test_pooled_seeds_tables_every_seed_once(tmp_path):
     assert "| hopper/medium-replay | dt | 0,1,3 | 20.0 ± 8.2 | 10.0 / 20.0 / 30.0 |" in table
     assert "bc" not in table
     assert sorted(r["seed"] for r in mod.pooled_rows([str(tmp_path / "a"), str(tmp_path / "b")], ["dt"], [ds])) == [0, 1, 3]
+    assert "mean over" not in table  # one set: no mean line
+    ds2 = "d4rlstyle/hopper/full-replay-v0"
+    d = tmp_path / "a" / "runs" / ds2.replace("/", "__")
+    d.mkdir(parents=True)
+    (d / "dt_seed0.json").write_text(json.dumps({"algo": "dt", "dataset": ds2, "seed": 0, "normalized_score": 40.0}))
+    table = mod.pooled_table([str(tmp_path / "a"), str(tmp_path / "b")], ["dt", "bc"], [ds, ds2])
+    assert "| **mean over 2 sets** | dt | per set | 30.0 | |" in table  # (20.0 + 40.0) / 2, per-set means
+    assert "| **mean over 2 sets** | bc |" not in table  # bc has no full-replay row
     put("b", "dt", 1, 25.0)
     with pytest.raises(SystemExit, match="more than one folder"):
         mod.pooled_table([str(tmp_path / "a"), str(tmp_path / "b")], ["dt"], [ds])

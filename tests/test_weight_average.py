@@ -67,8 +67,16 @@ def test_fit_deploys_the_average_and_training_goes_on_from_the_raw_weights(loade
     path = str(tmp_path / "ema.d3")
     algo.save(path)
     np.testing.assert_array_equal(load_ipd(path).predict(obs), seen["pred"])  # saved and exported: the average
+    last = algo.last_iterate_weights()  # the public accessor: copies of the raw weights of the last step
+    assert all(torch.equal(a, b) for a, b in zip(last, seen["raw"]))
+    last[0].add_(1.0)
+    assert torch.equal(algo.last_iterate_weights()[0], seen["raw"][0])  # a copy: the model's own are untouched
     algo.fit(hopper_traj, n_steps=0, **FIT_KW)  # a continued fit swaps the raw weights back in, then out again
     np.testing.assert_array_equal(algo.predict(obs), seen["pred"])
+    assert all(torch.equal(a, b) for a, b in zip(algo.last_iterate_weights(), seen["raw"]))
+    algo.config.transformer.ema_decay = 0.0
+    algo.fit(hopper_traj, n_steps=0, **FIT_KW)
+    assert algo.last_iterate_weights() is None  # no average: the network itself holds the last iterate
 
 
 def test_weights_loaded_over_a_fitted_average_are_not_swapped_away(loaded_copy, fitted, hopper_traj, tmp_path):
