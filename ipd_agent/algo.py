@@ -599,7 +599,7 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
                 ema.swap()
             net.train(was_training)
 
-    def last_iterate_weights(self) -> list:
+    def last_iterate_weights(self) -> Optional[list]:
         """Copies of the transformer's raw parameters at the last training step (``net.parameters()`` order) while the
         network holds the weight average ``fit`` deploys; ``None`` without a weight average (the network then holds
         the last iterate itself). For diagnostics that deploy the last iterate beside the average."""

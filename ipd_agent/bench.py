@@ -194,11 +194,11 @@ class LearningCurve:
         self.eval_time = 0.0
 
     def __call__(self, model: Any, epoch: int, step: int) -> None:
+        if step not in self.marks:  # called after every step: return before anything else
+            return
         from .algo import IPD
         from .data import normalized_score
 
-        if step not in self.marks:
-            return
         te = time.perf_counter()
         # d3rlpy's algorithms switch to eval mode themselves
         with model.deployed_weights() if isinstance(model, IPD) else contextlib.nullcontext():

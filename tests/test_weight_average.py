@@ -92,7 +92,7 @@ def test_weights_loaded_over_a_fitted_average_are_not_swapped_away(loaded_copy, 
     algo.fit(hopper_traj, n_steps=0, **FIT_KW)
     np.testing.assert_array_equal(algo.predict(obs), expected)
     # and the raw weights a further fit would train on are the loaded ones, not the first fit's stale iterate
-    raw = algo._weight_average.average
+    raw = algo.last_iterate_weights()
     assert all(torch.equal(r, p.detach()) for r, p in zip(raw, algo.impl.transformer.parameters()))
 
 
