@@ -221,6 +221,29 @@ def test_the_cpu_profile_trains_its_transformer_at_3e_4_and_the_lr_profile_chang
     assert _baseline("dt", cpu, "cpu:0").config.learning_rate == 1e-4
 
 
+def test_the_fp32_profile_differs_from_cpu_only_in_precision_and_reuses_its_stages():
+    """benchmarks/profiles/cpu-fp32.json turns off bf16 in the transformer's training and the planner's candidate
+    scoring, so a machine with native bf16 (AMX) trains as a machine without it does: rows made under it compare
+    across CPUs. Nothing else differs, and stages 1-2 (trained in fp32 under both) share the cache."""
+    import dataclasses
+
+    from ipd_agent.bench import _prefit_key, load_profile, make_ipd_config, stage_config
+
+    cpu = load_profile("cpu")
+    fp32 = load_profile(str(BENCHMARKS / "profiles" / "cpu-fp32.json"))
+    a, b = make_ipd_config(cpu, 0), make_ipd_config(fp32, 0)
+    assert a.transformer.bf16 and a.planner.bf16  # the CPU profile keeps bf16 where the CPU has it
+    assert not b.transformer.bf16 and not b.planner.bf16
+    assert dataclasses.replace(b.transformer, bf16=True) == a.transformer
+    assert dataclasses.replace(b.planner, bf16=True) == a.planner
+    assert (b.value, b.world_model, b.augment) == (a.value, a.world_model, a.augment)
+    ipd_part = {**fp32.ipd, "planner": {k: v for k, v in fp32.ipd["planner"].items() if k != "bf16"},
+                "transformer": {k: v for k, v in fp32.ipd["transformer"].items() if k != "bf16"}}
+    assert dataclasses.replace(fp32, name=cpu.name, ipd=ipd_part) == cpu
+    ds = "d4rlstyle/hopper/full-replay-v0"
+    assert _prefit_key(stage_config(fp32, 0), ds) == _prefit_key(stage_config(cpu, 0), ds)
+
+
 def test_the_previous_rate_diagnostic_restores_1e_4():
     """`--ablations lr-1e-4` re-makes rows like the table's `ipd` rows before the switch: only the rate differs."""
     import dataclasses
