@@ -244,6 +244,20 @@ def test_the_fp32_profile_differs_from_cpu_only_in_precision_and_reuses_its_stag
     assert _prefit_key(stage_config(fp32, 0), ds) == _prefit_key(stage_config(cpu, 0), ds)
 
 
+def test_the_curve10_profile_differs_from_cpu_only_in_its_curve_episodes():
+    """benchmarks/profiles/cpu-curve10.json (the early-stop diagnostic) evaluates every learning-curve point with 10
+    episodes, as many as the final evaluation, and trains exactly as the CPU profile does."""
+    import dataclasses
+
+    from ipd_agent.bench import load_profile, make_ipd_config
+
+    cpu = load_profile("cpu")
+    curve10 = load_profile(str(BENCHMARKS / "profiles" / "cpu-curve10.json"))
+    assert curve10.curve_episodes == curve10.eval_episodes == 10 and cpu.curve_episodes == 3
+    assert dataclasses.replace(curve10, name=cpu.name, curve_episodes=cpu.curve_episodes) == cpu
+    assert make_ipd_config(curve10, 7) == make_ipd_config(cpu, 7)
+
+
 def test_the_previous_rate_diagnostic_restores_1e_4():
     """`--ablations lr-1e-4` re-makes rows like the table's `ipd` rows before the switch: only the rate differs."""
     import dataclasses
