@@ -377,8 +377,9 @@ def prefit_ipd(cfg, traj, dataset_id: str, out_dir: str, stages=None):
     algo.save(path + ".tmp")
     os.replace(path + ".tmp", path)
     times = {k: algo.stage_times[k] for k in ("value", "world_model")}
-    with open(times_path, "w") as f:
+    with open(times_path + ".tmp", "w") as f:
         json.dump(times, f)
+    os.replace(times_path + ".tmp", times_path)  # atomic, as the cache itself: a killed sweep leaves no half-file
     return _with_fitted_stages(cfg, load_ipd(path)), times
 
 
@@ -484,6 +485,29 @@ def _ray_sweep(jobs: list[dict], profile: Profile, out_dir: str, dataset_root: O
         ray.shutdown()
 
 
+def _exit_with_parent() -> None:
+    """Pool-worker initializer: the worker ends as soon as the sweep's process ends, however it ended.
+
+    Killing a sweep (``kill PID``, a closed terminal, an out-of-memory kill) otherwise leaves its spawned workers
+    training on as orphans, holding the CPU and writing rows nobody waits for. A daemon thread blocks on the parent's
+    sentinel, which becomes ready when the parent exits, and then ends the worker at once. A run that is cut short
+    writes no row, so resuming the sweep re-runs it; finished rows and fitted stages are kept (both written
+    atomically)."""
+    import multiprocessing
+    import threading
+    from multiprocessing.connection import wait
+
+    parent = multiprocessing.parent_process()
+    if parent is None:  # not a spawned child (e.g. called directly): nothing to watch
+        return
+
+    def watch() -> None:
+        wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def run_sweep(jobs: list[dict], profile: Profile, out_dir: str, workers: int = 2, dataset_root: Optional[str] = None,
               show_progress: bool = True, ray_address: Optional[str] = None) -> list[dict]:
     """Runs jobs ``{"algo", "dataset", "seed", ["tag", "ipd_overrides"]}`` in parallel processes.
@@ -499,7 +523,7 @@ def run_sweep(jobs: list[dict], profile: Profile, out_dir: str, workers: int = 2
     if ray_address:
         return rows + _ray_sweep(jobs, profile, out_dir, dataset_root, ray_address, show_progress)
     # a fresh process per run: no state carried between runs, and peak memory is the run's own
-    with ProcessPoolExecutor(max_workers=workers, max_tasks_per_child=1) as pool:
+    with ProcessPoolExecutor(max_workers=workers, max_tasks_per_child=1, initializer=_exit_with_parent) as pool:
         # stages 1-2 first, once per (dataset, seed, settings), so variants never race to fit them
         pre = {pool.submit(_prefit_job, j["dataset"], j["seed"], profile, out_dir, j.get("ipd_overrides"),
                            dataset_root): _stages_key(j, profile)

@@ -1,6 +1,7 @@
 """The benchmark harness: real d3rlpy baselines and IPD on one real Minari file, in worker processes."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -56,6 +57,67 @@ def test_sweep_rows_curves_and_resume(hopper_episodes, tmp_path):
     assert sorted(again, key=lambda r: r["algo"]) == sorted(rows, key=lambda r: r["algo"])
     table = markdown_table(rows, ["ipd", "bc"])
     assert "ipdtest/hopper-random-v0" in table and table.count("±") == 2
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the live processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for d in pathlib.Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append((int(d.name), (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
+        except (OSError, ValueError, IndexError):  # the process ended while we looked
+            continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended; only its exit status is left
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+def test_killing_a_sweep_ends_its_workers(hopper_episodes, tmp_path):
+    """A sweep killed outright (SIGKILL: no handler runs) takes its worker with it instead of leaving an orphan that
+    trains on; the run it held wrote no row, so resuming re-runs it."""
+    import signal
+    import subprocess
+    import sys
+
+    root = tmp_path / "datasets"
+    write_minari(root, "ipdtest/hopper-random-v0", "Hopper-v5", hopper_episodes[:40])
+    long_bc = {**dataclasses.asdict(PROFILE), "q_steps": 10**7}  # far longer than the test: only a kill can end it
+    script = tmp_path / "sweep.py"
+    script.write_text(
+        "from ipd_agent.bench import Profile, run_sweep\n"
+        "if __name__ == '__main__':  # spawned workers import this file: only the sweep's process runs the sweep\n"
+        f"    run_sweep([{{'algo': 'bc', 'dataset': 'ipdtest/hopper-random-v0', 'seed': 0}}], Profile(**{long_bc!r}), "
+        f"{str(tmp_path / 'results')!r}, workers=1, dataset_root={str(root)!r}, show_progress=False)\n")
+    sweep = subprocess.Popen([sys.executable, str(script)])
+    worker = None
+    try:
+        deadline = time.time() + 120
+        while worker is None and time.time() < deadline and sweep.poll() is None:
+            worker = next((p for p, cmd in _children(sweep.pid) if "spawn_main" in cmd), None)
+            time.sleep(0.2)
+        assert worker is not None, "the sweep never started a worker"
+        time.sleep(3)  # let it get into the run
+        assert _alive(worker)
+        sweep.send_signal(signal.SIGKILL)
+        sweep.wait()
+        deadline = time.time() + 30
+        while _alive(worker) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _alive(worker), "the worker outlived the sweep that started it"
+        assert not (tmp_path / "results" / "runs" / "ipdtest__hopper-random-v0" / "bc_seed0.json").exists()
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+        if worker is not None and _alive(worker):  # the failure case: do not leave it running
+            os.kill(worker, signal.SIGKILL)
 
 
 def test_the_same_sweep_runs_on_ray(hopper_episodes, tmp_path):
