@@ -22,11 +22,16 @@ from head_to_head import curve_table, load_rows, short  # noqa: E402  (the repor
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def pooled_rows(folders: list[str], labels: list[str], datasets: list[str]) -> list[dict]:
-    """Every row of these labels and datasets in the folders, one per (dataset, label, seed)."""
+def pooled_rows(folders: list[str], labels: list[str], datasets: list[str],
+                alias: dict | None = None) -> list[dict]:
+    """Every row of these labels and datasets in the folders, one per (dataset, label, seed). ``alias`` maps a row
+    label to the label it is pooled under (two names of the same deployment in different folders); the row keeps its
+    own name in ``label_as_run``."""
     rows, seen = [], set()
     for folder in folders:
         for r in load_rows(folder):
+            if alias and r["algo"] in alias:
+                r = {**r, "algo": alias[r["algo"]], "label_as_run": r["algo"]}
             if r["algo"] not in labels or r["dataset"] not in datasets:
                 continue
             key = (r["dataset"], r["algo"], r["seed"])
@@ -38,9 +43,26 @@ def pooled_rows(folders: list[str], labels: list[str], datasets: list[str]) -> l
     return rows
 
 
+def paired_table(scores: dict, labels: list[str], datasets: list[str]) -> str:
+    """For two labels: per set, the first minus the second over the seeds both have, mean ± standard error."""
+    a, b = labels
+    lines = [f"| dataset | seeds with both | {a} | {b} | {a} − {b}, mean ± SE |", "|---|---|---|---|---|"]
+    for d in datasets:
+        sa, sb = scores.get((d, a), {}), scores.get((d, b), {})
+        both = sorted(set(sa) & set(sb))
+        if not both:
+            continue
+        diff = np.array([sa[s] - sb[s] for s in both])
+        se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+        lines.append(f"| {short(d)} | {','.join(map(str, both))} | {np.mean([sa[s] for s in both]):.1f} | "
+                     f"{np.mean([sb[s] for s in both]):.1f} | {diff.mean():+.1f} ± {se:.1f} (n = {len(both)}) |")
+    return "\n".join(lines)
+
+
 def pooled_table(folders: list[str], labels: list[str], datasets: list[str],
                  rows: list[dict] | None = None) -> str:
-    """Mean ± std over every pooled seed per (dataset, label); ``rows``: the folders' ``pooled_rows``, if read."""
+    """Mean ± std over every pooled seed per (dataset, label); ``rows``: the folders' ``pooled_rows``, if read. With
+    two labels, a second table pairs them seed by seed."""
     scores: dict = {}  # (dataset, label) -> {seed: score}
     for r in pooled_rows(folders, labels, datasets) if rows is None else rows:
         scores.setdefault((r["dataset"], r["algo"]), {})[r["seed"]] = float(r["normalized_score"])
@@ -61,7 +83,11 @@ def pooled_table(folders: list[str], labels: list[str], datasets: list[str],
                 seeds = {tuple(sorted(scores[(d, a)])) for d in datasets}
                 seed_text = ",".join(map(str, seeds.pop())) if len(seeds) == 1 else "per set"
                 lines.append(f"| **mean over {len(datasets)} sets** | {a} | {seed_text} | {np.mean(means):.1f} | |")
-    return "\n".join(lines)
+    table = "\n".join(lines)
+    if len(labels) == 2:
+        table += "\n\nSeed by seed, over the seeds both labels have (SE: standard error of the mean difference):\n\n"
+        table += paired_table(scores, labels, datasets)
+    return table
 
 
 def main() -> None:
@@ -70,9 +96,12 @@ def main() -> None:
                    help="result folders (each with runs/) to pool")
     p.add_argument("--labels", nargs="+", required=True, help="row labels, e.g. ipd dt ipd-last-iterate")
     p.add_argument("--datasets", nargs="+", required=True)
+    p.add_argument("--alias", nargs="+", default=[], metavar="ROW_LABEL=LABEL",
+                   help="pool rows labelled ROW_LABEL under LABEL (e.g. ipd-avg-capped-0.999=ipd: the same deployment)")
     p.add_argument("--out", help="also write the table to this markdown file")
     args = p.parse_args()
-    rows = pooled_rows(args.folders, args.labels, args.datasets)
+    alias = dict(a.split("=", 1) for a in args.alias)
+    rows = pooled_rows(args.folders, args.labels, args.datasets, alias)
     table = pooled_table(args.folders, args.labels, args.datasets, rows)
     curves = curve_table(rows)
     if curves:  # where each label's score stands at each share of its budget, over the same pooled seeds
@@ -80,8 +109,9 @@ def main() -> None:
     print(table)
     if args.out:
         with open(args.out, "w") as f:
+            aliases = f"; pooled as one label: {', '.join(args.alias)}" if args.alias else ""
             f.write(f"Pooled over {', '.join(os.path.relpath(x) for x in args.folders)} "
-                    f"(`python benchmarks/pooled_seeds.py`); normalised score, std over seeds.\n\n{table}\n")
+                    f"(`python benchmarks/pooled_seeds.py`){aliases}; normalised score, std over seeds.\n\n{table}\n")
 
 
 if __name__ == "__main__":

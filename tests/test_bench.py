@@ -394,6 +394,69 @@ def test_pooled_seeds_tables_every_seed_once(tmp_path):
         mod.pooled_table([str(tmp_path / "a"), str(tmp_path / "b")], ["dt"], [ds])
 
 
+def test_pooled_seeds_pools_two_names_of_one_deployment_and_pairs_two_labels(tmp_path):
+    """--alias pools rows that name the same deployment differently in two folders; with two labels a second table
+    gives the seed-by-seed difference over the seeds both have, with its standard error."""
+    import json
+
+    mod = _benchmark_script("pooled_seeds")
+    ds = "d4rlstyle/hopper/full-replay-v0"
+
+    def put(folder, algo, seed, score):
+        d = tmp_path / folder / "runs" / ds.replace("/", "__")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{algo}_seed{seed}.json").write_text(json.dumps(
+            {"algo": algo, "dataset": ds, "seed": seed, "normalized_score": score}))
+
+    put("wa", "ipd-avg-capped-0.999", 0, 50.0)
+    put("wa", "ipd-avg-bc-0.9995", 0, 1.0)  # another deployment of the same run: not pooled
+    put("es", "ipd", 1, 70.0)
+    put("es", "ipd", 2, 90.0)  # no dt for seed 2: in ipd's mean, not in the pairs
+    put("dt", "dt", 0, 40.0)
+    put("dt", "dt", 1, 80.0)
+    folders = [str(tmp_path / f) for f in ("wa", "es", "dt")]
+    rows = mod.pooled_rows(folders, ["ipd", "dt"], [ds], {"ipd-avg-capped-0.999": "ipd"})
+    assert sorted((r["algo"], r["seed"], r.get("label_as_run")) for r in rows) == [
+        ("dt", 0, None), ("dt", 1, None), ("ipd", 0, "ipd-avg-capped-0.999"), ("ipd", 1, None), ("ipd", 2, None)]
+    table = mod.pooled_table(folders, ["ipd", "dt"], [ds], rows)
+    assert "| hopper/full-replay | ipd | 0,1,2 | 70.0 ± 16.3 | 50.0 / 70.0 / 90.0 |" in table
+    # differences +10 and -10: mean 0, SE = std(ddof=1) / sqrt(2) = 14.14 / 1.414 = 10.0
+    assert "| hopper/full-replay | 0,1 | 60.0 | 60.0 | +0.0 ± 10.0 (n = 2) |" in table
+    # the same seed under both names is still refused, not counted twice
+    put("es", "ipd", 0, 55.0)
+    with pytest.raises(SystemExit, match="more than one folder"):
+        mod.pooled_rows(folders, ["ipd", "dt"], [ds], {"ipd-avg-capped-0.999": "ipd"})
+
+
+def test_curve_at_step_pairs_a_curve_point_with_the_same_episodes_of_the_final_evaluation(tmp_path):
+    """benchmarks/curve_at_step.py: the step's point (curve_episodes episodes) is paired with the mean of the final
+    evaluation's first curve_episodes returns, which start from the same seeded resets."""
+    import json
+
+    from ipd_agent.data import normalized_score, reference_scores
+
+    mod = _benchmark_script("curve_at_step")
+    ds = "d4rlstyle/hopper/full-replay-v0"
+    ref = reference_scores({}, "Hopper-v5")
+    d = tmp_path / "f" / "runs" / ds.replace("/", "__")
+    d.mkdir(parents=True)
+    for seed, at, returns in ((0, 90.0, [1000.0, 2000.0, 3000.0] + [0.0] * 7), (1, 20.0, [3000.0] * 10)):
+        (d / f"ipd_seed{seed}.json").write_text(json.dumps({
+            "algo": "ipd", "dataset": ds, "env_id": "Hopper-v5", "seed": seed, "gradient_steps": 5000,
+            "profile": {"curve_episodes": 3}, "returns": returns, "return_mean": float(np.mean(returns)),
+            "normalized_score": normalized_score(float(np.mean(returns)), ref),
+            "learning_curve": [{"step": 3000, "normalized_score": at}, {"step": 5000, "normalized_score": 0.0}]}))
+    rows = mod.pooled_rows([str(tmp_path / "f")], ["ipd"], [ds])
+    pairs = mod.step_pairs(rows, 3000)[ds]
+    same0 = normalized_score(2000.0, ref)  # mean of the first three returns only
+    assert [(s, a, round(b, 6), k) for s, a, b, _, k in pairs] == [(0, 90.0, round(same0, 6), 3),
+                                                                    (1, 20.0, round(normalized_score(3000.0, ref), 6), 3)]
+    assert mod.step_pairs(rows, 5000) == {}  # the final evaluation is not a curve point to compare with itself
+    table = mod.step_table(mod.step_pairs(rows, 3000), [ds], 3000)
+    diff = [90.0 - same0, 20.0 - normalized_score(3000.0, ref)]
+    assert f"{np.mean(diff):+.1f} ± {np.std(diff, ddof=1) / np.sqrt(2):.1f}" in table
+
+
 def test_curve_table_means_each_step_share_per_label():
     """benchmarks/head_to_head.py's learning-curve section: scores at the same share of each run's budget are averaged
     per (dataset, label); runs with different step budgets line up by share, not by step."""
