@@ -360,18 +360,21 @@ def test_planner_variants_share_the_stages_of_ipd():
         assert _prefit_key(stage_config(cpu, 0, overrides), ds) == _prefit_key(stage_config(cpu, 0), ds)
 
 
+def _put_score_row(folder: pathlib.Path, dataset: str, algo: str, seed: int, score: float) -> None:
+    """A minimal result row (label, dataset, seed, score) where the harness would write it."""
+    d = folder / "runs" / dataset.replace("/", "__")
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{algo}_seed{seed}.json").write_text(json.dumps(
+        {"algo": algo, "dataset": dataset, "seed": seed, "normalized_score": score}))
+
+
 def test_pooled_seeds_tables_every_seed_once(tmp_path):
     """benchmarks/pooled_seeds.py: seeds from two folders pooled; a seed present in both is refused, not counted twice."""
-    import json
-
     mod = _benchmark_script("pooled_seeds")
     ds = "d4rlstyle/hopper/medium-replay-v0"
 
     def put(folder, algo, seed, score):
-        d = tmp_path / folder / "runs" / ds.replace("/", "__")
-        d.mkdir(parents=True, exist_ok=True)
-        (d / f"{algo}_seed{seed}.json").write_text(json.dumps(
-            {"algo": algo, "dataset": ds, "seed": seed, "normalized_score": score}))
+        _put_score_row(tmp_path / folder, ds, algo, seed, score)
 
     put("a", "dt", 0, 10.0)
     put("a", "dt", 1, 20.0)
@@ -397,16 +400,11 @@ def test_pooled_seeds_tables_every_seed_once(tmp_path):
 def test_pooled_seeds_pools_two_names_of_one_deployment_and_pairs_two_labels(tmp_path):
     """--alias pools rows that name the same deployment differently in two folders; with two labels a second table
     gives the seed-by-seed difference over the seeds both have, with its standard error."""
-    import json
-
     mod = _benchmark_script("pooled_seeds")
     ds = "d4rlstyle/hopper/full-replay-v0"
 
     def put(folder, algo, seed, score):
-        d = tmp_path / folder / "runs" / ds.replace("/", "__")
-        d.mkdir(parents=True, exist_ok=True)
-        (d / f"{algo}_seed{seed}.json").write_text(json.dumps(
-            {"algo": algo, "dataset": ds, "seed": seed, "normalized_score": score}))
+        _put_score_row(tmp_path / folder, ds, algo, seed, score)
 
     put("wa", "ipd-avg-capped-0.999", 0, 50.0)
     put("wa", "ipd-avg-bc-0.9995", 0, 1.0)  # another deployment of the same run: not pooled
