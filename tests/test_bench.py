@@ -445,14 +445,19 @@ def test_curve_at_step_pairs_a_curve_point_with_the_same_episodes_of_the_final_e
             "normalized_score": normalized_score(float(np.mean(returns)), ref),
             "learning_curve": [{"step": 3000, "normalized_score": at}, {"step": 5000, "normalized_score": 0.0}]}))
     rows = mod.pooled_rows([str(tmp_path / "f")], ["ipd"], [ds])
-    pairs = mod.step_pairs(rows, 3000)[ds]
+    pairs = mod.step_pairs(rows, 3000)[(ds, "ipd")]
     same0 = normalized_score(2000.0, ref)  # mean of the first three returns only
     assert [(s, a, round(b, 6), k) for s, a, b, _, k in pairs] == [(0, 90.0, round(same0, 6), 3),
                                                                     (1, 20.0, round(normalized_score(3000.0, ref), 6), 3)]
     assert mod.step_pairs(rows, 5000) == {}  # the final evaluation is not a curve point to compare with itself
-    table = mod.step_table(mod.step_pairs(rows, 3000), [ds], 3000)
+    table = mod.step_table(mod.step_pairs(rows, 3000), [ds], ["ipd"], 3000)
     diff = [90.0 - same0, 20.0 - normalized_score(3000.0, ref)]
-    assert f"{np.mean(diff):+.1f} ± {np.std(diff, ddof=1) / np.sqrt(2):.1f}" in table
+    assert f"{np.mean(diff):+.1f} ± {np.std(diff, ddof=1) / np.sqrt(2):.1f} | {np.mean(np.abs(diff)):.1f} |" in table
+    # a second label is read on its own, never pooled into the first
+    row = json.loads((d / "ipd_seed1.json").read_text())
+    (d / "dt_seed1.json").write_text(json.dumps({**row, "algo": "dt"}))
+    both = mod.step_pairs(mod.pooled_rows([str(tmp_path / "f")], ["ipd", "dt"], [ds]), 3000)
+    assert [p[0] for p in both[(ds, "ipd")]] == [0, 1] and [p[0] for p in both[(ds, "dt")]] == [1]
 
 
 def test_curve_table_means_each_step_share_per_label():
