@@ -23,16 +23,16 @@ HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def pooled_rows(folders: list[str], labels: list[str], datasets: list[str],
-                alias: dict | None = None) -> list[dict]:
+                alias: dict | None = None, seeds: list[int] | None = None) -> list[dict]:
     """Every row of these labels and datasets in the folders, one per (dataset, label, seed). ``alias`` maps a row
     label to the label it is pooled under (two names of the same deployment in different folders); the row keeps its
-    own name in ``label_as_run``."""
+    own name in ``label_as_run``. ``seeds``: only these seeds (default: every seed found)."""
     rows, seen = [], set()
     for folder in folders:
         for r in load_rows(folder):
             if alias and r["algo"] in alias:
                 r = {**r, "algo": alias[r["algo"]], "label_as_run": r["algo"]}
-            if r["algo"] not in labels or r["dataset"] not in datasets:
+            if r["algo"] not in labels or r["dataset"] not in datasets or (seeds is not None and r["seed"] not in seeds):
                 continue
             key = (r["dataset"], r["algo"], r["seed"])
             if key in seen:  # one run per seed: two folders holding the same seed would count it twice
@@ -98,10 +98,11 @@ def main() -> None:
     p.add_argument("--datasets", nargs="+", required=True)
     p.add_argument("--alias", nargs="+", default=[], metavar="ROW_LABEL=LABEL",
                    help="pool rows labelled ROW_LABEL under LABEL (e.g. ipd-avg-capped-0.999=ipd: the same deployment)")
+    p.add_argument("--seeds", nargs="+", type=int, help="only these seeds (default: every seed found)")
     p.add_argument("--out", help="also write the table to this markdown file")
     args = p.parse_args()
     alias = dict(a.split("=", 1) for a in args.alias)
-    rows = pooled_rows(args.folders, args.labels, args.datasets, alias)
+    rows = pooled_rows(args.folders, args.labels, args.datasets, alias, args.seeds)
     table = pooled_table(args.folders, args.labels, args.datasets, rows)
     curves = curve_table(rows)
     if curves:  # where each label's score stands at each share of its budget, over the same pooled seeds

@@ -420,6 +420,8 @@ def test_pooled_seeds_pools_two_names_of_one_deployment_and_pairs_two_labels(tmp
     assert "| hopper/full-replay | ipd | 0,1,2 | 70.0 ± 16.3 | 50.0 / 70.0 / 90.0 |" in table
     # differences +10 and -10: mean 0, SE = std(ddof=1) / sqrt(2) = 14.14 / 1.414 = 10.0
     assert "| hopper/full-replay | 0,1 | 60.0 | 60.0 | +0.0 ± 10.0 (n = 2) |" in table
+    only = mod.pooled_rows(folders, ["ipd", "dt"], [ds], {"ipd-avg-capped-0.999": "ipd"}, seeds=[0])
+    assert sorted((r["algo"], r["seed"]) for r in only) == [("dt", 0), ("ipd", 0)]
     # the same seed under both names is still refused, not counted twice
     put("es", "ipd", 0, 55.0)
     with pytest.raises(SystemExit, match="more than one folder"):
