@@ -8,7 +8,7 @@ the direction. The IPD transformer's rate is constant after warm-up, so a run st
 ``--step`` deploys exactly the curve point's weights. Nothing is trained or evaluated here; it reads committed rows.
 
     python benchmarks/curve_at_step.py --step 3000 --labels ipd --folders benchmarks/results/head_to_head \\
-        --out benchmarks/results/early_stop/step3000_head_to_head.md
+        --out benchmarks/results/early_stop/step3000_table_rows.md
 """
 from __future__ import annotations
 
@@ -19,12 +19,10 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from head_to_head import short  # noqa: E402
-from pooled_seeds import pooled_rows  # noqa: E402
+from head_to_head import DATASETS, short  # noqa: E402
+from pooled_seeds import parse_alias, pooled_rows, standard_error  # noqa: E402
 
 from ipd_agent.data import normalized_score, reference_scores  # noqa: E402
-
-SIX = [f"d4rlstyle/{e}/{s}-v0" for s in ("medium-replay", "full-replay", "medium") for e in ("hopper", "halfcheetah")]
 
 
 def step_pairs(rows: list[dict], step: int) -> dict:
@@ -54,7 +52,7 @@ def step_table(pairs: dict, datasets: list[str], labels: list[str], step: int) -
             continue
         at, same, final = (np.array([g[i] for g in got]) for i in (1, 2, 3))
         diff = at - same
-        se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+        se = standard_error(diff)
         eps = sorted({g[4] for g in got})
         at_means.setdefault(a, []).append(at.mean())
         end_means.setdefault(a, []).append(same.mean())
@@ -75,11 +73,10 @@ def main() -> None:
     p.add_argument("--folders", nargs="+", required=True, help="result folders (each with runs/)")
     p.add_argument("--labels", nargs="+", required=True, help="row labels, each read on its own (--alias pools two)")
     p.add_argument("--alias", nargs="+", default=[], metavar="ROW_LABEL=LABEL", help="as in pooled_seeds.py")
-    p.add_argument("--datasets", nargs="+", default=SIX)
+    p.add_argument("--datasets", nargs="+", default=DATASETS)
     p.add_argument("--out", help="also write the table to this markdown file")
     args = p.parse_args()
-    alias = dict(a.split("=", 1) for a in args.alias)
-    rows = pooled_rows(args.folders, args.labels, args.datasets, alias)
+    rows = pooled_rows(args.folders, args.labels, args.datasets, parse_alias(args.alias))
     table = step_table(step_pairs(rows, args.step), args.datasets, list(dict.fromkeys(args.labels)), args.step)
     print(table)
     if args.out:

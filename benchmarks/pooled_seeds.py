@@ -43,6 +43,16 @@ def pooled_rows(folders: list[str], labels: list[str], datasets: list[str],
     return rows
 
 
+def standard_error(diff: np.ndarray) -> float:
+    """Standard error of the mean of paired differences (NaN for a single pair)."""
+    return diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+
+
+def parse_alias(pairs: list[str]) -> dict:
+    """``--alias`` values ``ROW_LABEL=LABEL`` as a mapping."""
+    return dict(a.split("=", 1) for a in pairs)
+
+
 def paired_table(scores: dict, labels: list[str], datasets: list[str]) -> str:
     """For two labels: per set, the first minus the second over the seeds both have, mean ± standard error."""
     a, b = labels
@@ -53,7 +63,7 @@ def paired_table(scores: dict, labels: list[str], datasets: list[str]) -> str:
         if not both:
             continue
         diff = np.array([sa[s] - sb[s] for s in both])
-        se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+        se = standard_error(diff)
         lines.append(f"| {short(d)} | {','.join(map(str, both))} | {np.mean([sa[s] for s in both]):.1f} | "
                      f"{np.mean([sb[s] for s in both]):.1f} | {diff.mean():+.1f} ± {se:.1f} (n = {len(both)}) |")
     return "\n".join(lines)
@@ -101,8 +111,7 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, help="only these seeds (default: every seed found)")
     p.add_argument("--out", help="also write the table to this markdown file")
     args = p.parse_args()
-    alias = dict(a.split("=", 1) for a in args.alias)
-    rows = pooled_rows(args.folders, args.labels, args.datasets, alias, args.seeds)
+    rows = pooled_rows(args.folders, args.labels, args.datasets, parse_alias(args.alias), args.seeds)
     table = pooled_table(args.folders, args.labels, args.datasets, rows)
     curves = curve_table(rows)
     if curves:  # where each label's score stands at each share of its budget, over the same pooled seeds

@@ -377,9 +377,7 @@ def prefit_ipd(cfg, traj, dataset_id: str, out_dir: str, stages=None):
     algo.save(path + ".tmp")
     os.replace(path + ".tmp", path)
     times = {k: algo.stage_times[k] for k in ("value", "world_model")}
-    with open(times_path + ".tmp", "w") as f:
-        json.dump(times, f)
-    os.replace(times_path + ".tmp", times_path)  # atomic, as the cache itself: a killed sweep leaves no half-file
+    write_row(times_path, times)  # atomic, as the cache itself: a killed sweep leaves no half-written file
     return _with_fitted_stages(cfg, load_ipd(path)), times
 
 

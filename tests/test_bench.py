@@ -431,8 +431,6 @@ def test_pooled_seeds_pools_two_names_of_one_deployment_and_pairs_two_labels(tmp
 def test_curve_at_step_pairs_a_curve_point_with_the_same_episodes_of_the_final_evaluation(tmp_path):
     """benchmarks/curve_at_step.py: the step's point (curve_episodes episodes) is paired with the mean of the final
     evaluation's first curve_episodes returns, which start from the same seeded resets."""
-    import json
-
     from ipd_agent.data import normalized_score, reference_scores
 
     mod = _benchmark_script("curve_at_step")
