@@ -610,3 +610,46 @@ def test_weight_averages_deploy_several_averages_of_the_harness_own_training_run
     t0 = time.perf_counter()
     assert mod.run("ipdtest/hopper-random-v0", 0, out, prof, (0.9, 0.95), str(root)) == list(rows.values())
     assert time.perf_counter() - t0 < 5  # finished: read back, not refitted
+
+
+def test_select_deployment_scores_candidates_of_one_training_run(hopper_episodes, tmp_path):
+    """benchmarks/select_deployment.py: one fit keeps several candidate weights; each is evaluated and scored offline.
+    Its control (the weights fit returns) repeats the harness's `ipd` row episode for episode, the criteria are the
+    same when scored twice (common random numbers), and a criterion's pick and paired gain follow from the row."""
+    from ipd_agent.bench import run_one
+
+    mod = _benchmark_script("select_deployment")
+    root = tmp_path / "datasets"
+    write_minari(root, "ipdtest/hopper-random-v0", "Hopper-v5", hopper_episodes[:40])
+    prof = dataclasses.replace(PROFILE, ipd={**PROFILE.ipd, "transformer": {"ema_decay": 0.999}})
+    out = str(tmp_path / "results")
+    row = mod.run("ipdtest/hopper-random-v0", 0, out, prof, str(root), n_starts=8, horizon=30, value_horizon=10,
+                  n_windows=64)
+    assert mod.candidate_steps(40) == [24, 28, 32, 36]
+    assert list(row["candidates"]) == ["step-24", "step-28", "step-32", "step-36", "final", "bc-0.9995"]
+    table = run_one("ipd", "ipdtest/hopper-random-v0", 0, prof, out, dataset_root=str(root))  # same stage cache
+    assert row["candidates"]["final"]["returns"] == table["returns"]
+    assert row["augmentation"] == table["augmentation"]
+    for c in row["candidates"].values():
+        assert len(c["returns"]) == prof.eval_episodes
+        assert np.isfinite([c[k] for k in mod.CRITERIA]).all() and 1 <= c["wm_length"] <= 30
+    assert len({c["q_data"] for c in row["candidates"].values()}) > 1  # other weights, other actions
+    # the criteria are deterministic: the final weights scored again give the same numbers
+    from ipd_agent import load_ipd
+    from ipd_agent.data import load_minari
+
+    os.environ["MINARI_DATASETS_PATH"] = str(root)
+    traj, _ = load_minari("ipdtest/hopper-random-v0")
+    algo = load_ipd(os.path.join(out, "models", "ipdtest__hopper-random-v0", "ipd_seed0.d3"))
+    again = mod.offline_scores(algo, mod.start_states(traj, 8, 0), mod.data_windows(traj, 5, 64, 0), 30, 10, 0)
+    for k in mod.CRITERIA:
+        assert again[k] == pytest.approx(row["candidates"]["final"][k], rel=1e-4, abs=1e-4), k
+    # picks and gains from a hand-made row
+    fake = {"dataset": "d/hopper/x", "seed": 0, "control": "final", "candidates": {
+        "step-3": {"normalized_score": 50.0, "wm_return": 9.0, "wm_value": 1.0, "q_data": 0.0},
+        "final": {"normalized_score": 20.0, "wm_return": 1.0, "wm_value": 2.0, "q_data": 0.0}}}
+    assert mod.pick(fake, "wm_return") == "step-3" and mod.pick(fake, "wm_value") == "final"
+    s = mod.summarise([fake])
+    assert s["wm_return"]["gains"] == [30.0] and s["wm_value"]["gains"] == [0.0] and s["oracle"]["mean"] == 30.0
+    assert "| hopper/x | 0 | 20.0 | 50.0 (step-3) | 20.0 (final) |" in mod.report([fake])
+    assert mod.run("ipdtest/hopper-random-v0", 0, out, prof, str(root)) == row  # finished: read back
