@@ -115,8 +115,8 @@ def run(dataset_id: str, seed: int, out_dir: str, profile="cpu", dataset_root: s
     reads it back instead when it exists."""
     import torch
 
-    from ipd_agent.bench import evaluate, load_profile, make_ipd_config, prefit_ipd, stage_config, versions, write_row
-    from ipd_agent.data import load_minari, normalized_score, reference_scores
+    from ipd_agent.bench import evaluate, load_profile, prefit_ipd, stage_config, start_ipd_run, versions, write_row
+    from ipd_agent.data import normalized_score
     from ipd_agent.transformer import WeightAverage
 
     path = row_file(out_dir, dataset_id, seed)
@@ -124,15 +124,7 @@ def run(dataset_id: str, seed: int, out_dir: str, profile="cpu", dataset_root: s
         with open(path) as f:
             return json.load(f)
     profile = load_profile(profile) if isinstance(profile, str) else profile
-    torch.set_num_threads(profile.threads)
-    if dataset_root:
-        os.environ["MINARI_DATASETS_PATH"] = dataset_root
-    import d3rlpy
-
-    traj, meta = load_minari(dataset_id)
-    ref = reference_scores(meta)
-    d3rlpy.seed(seed)
-    cfg = make_ipd_config(profile, seed)
+    traj, meta, ref, cfg = start_ipd_run(profile, dataset_id, seed, dataset_root)
     # checked before any training: the criteria need this many real windows and start states
     windows = data_windows(traj, cfg.context_size, n_windows, seed)
     starts = start_states(traj, n_starts, seed)
@@ -152,6 +144,8 @@ def run(dataset_id: str, seed: int, out_dir: str, profile="cpu", dataset_root: s
                 kept[f"step-{step}"] = [p.detach().clone() for p in net.parameters()]
 
     t0 = time.perf_counter()
+    import d3rlpy
+
     out = algo.fit(traj, n_steps=steps, n_steps_per_epoch=steps, show_progress=False,
                    logger_adapter=d3rlpy.logging.NoopAdapterFactory(), callback=on_step)
     train_time = time.perf_counter() - t0

@@ -42,9 +42,9 @@ def run(dataset_id: str, seed: int, out_dir: str, profile="cpu", decays=DEFAULT_
     ``profile`` is a ``Profile`` or a name / path for ``load_profile``; it must deploy a capped 0.999 average."""
     import torch
 
-    from ipd_agent.bench import (LearningCurve, evaluate, load_profile, make_ipd_config, prefit_ipd, row_path,
-                                 stage_config, versions, write_row)
-    from ipd_agent.data import load_minari, normalized_score, reference_scores
+    from ipd_agent.bench import (LearningCurve, evaluate, load_profile, prefit_ipd, row_path, stage_config,
+                                 start_ipd_run, versions, write_row)
+    from ipd_agent.data import normalized_score
     from ipd_agent.transformer import WeightAverage
 
     profile = load_profile(profile) if isinstance(profile, str) else profile
@@ -56,15 +56,8 @@ def run(dataset_id: str, seed: int, out_dir: str, profile="cpu", decays=DEFAULT_
             with open(p) as f:
                 rows.append(json.load(f))
         return rows
-    torch.set_num_threads(profile.threads)
-    if dataset_root:
-        os.environ["MINARI_DATASETS_PATH"] = dataset_root
+    traj, meta, ref, cfg = start_ipd_run(profile, dataset_id, seed, dataset_root)
     import d3rlpy
-
-    traj, meta = load_minari(dataset_id)
-    ref = reference_scores(meta)
-    d3rlpy.seed(seed)
-    cfg = make_ipd_config(profile, seed)
     if cfg.transformer.ema_decay != 0.999 or cfg.transformer.ema_warmup != "capped":
         raise SystemExit(f"profile {profile.name!r} deploys ema_decay={cfg.transformer.ema_decay}, "
                          f"ema_warmup={cfg.transformer.ema_warmup!r}; this script's control is capped 0.999")

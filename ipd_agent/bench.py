@@ -123,6 +123,25 @@ def make_ipd_config(profile: Profile, seed: int, overrides: Optional[dict] = Non
     return IPDConfig.from_settings(cfg)
 
 
+def start_ipd_run(profile: Profile, dataset_id: str, seed: int, dataset_root: Optional[str] = None):
+    """How a one-off IPD run outside the sweep starts, in ``run_one``'s order (benchmarks/ diagnostics): one torch thread
+    per process, the dataset (from ``dataset_root`` if given), its reference scores, d3rlpy seeded, then the run's config.
+    Returns ``(traj, meta, ref, cfg)``."""
+    import torch
+
+    torch.set_num_threads(profile.threads)
+    if dataset_root:
+        os.environ["MINARI_DATASETS_PATH"] = dataset_root
+    import d3rlpy
+
+    from .data import load_minari, reference_scores
+
+    traj, meta = load_minari(dataset_id)
+    ref = reference_scores(meta)
+    d3rlpy.seed(seed)
+    return traj, meta, ref, make_ipd_config(profile, seed)
+
+
 def _baseline(name: str, profile: Profile, device: str):
     import d3rlpy
 
