@@ -31,9 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pooled_seeds import standard_error  # noqa: E402
 
 CANDIDATE_FRACTIONS = (0.6, 0.7, 0.8, 0.9)  # of the transformer steps; the final weights are the control
 LONG_DECAY = 0.9995  # the ~2,000-step average that scored 80.9 against 59.6 on hopper full-replay (seven seeds)
@@ -143,9 +147,9 @@ def run(dataset_id: str, seed: int, out_dir: str, profile="cpu", dataset_root: s
             with model.deployed_weights():
                 kept[f"step-{step}"] = [p.detach().clone() for p in net.parameters()]
 
-    t0 = time.perf_counter()
     import d3rlpy
 
+    t0 = time.perf_counter()
     out = algo.fit(traj, n_steps=steps, n_steps_per_epoch=steps, show_progress=False,
                    logger_adapter=d3rlpy.logging.NoopAdapterFactory(), callback=on_step)
     train_time = time.perf_counter() - t0
@@ -177,6 +181,12 @@ def run(dataset_id: str, seed: int, out_dir: str, profile="cpu", dataset_root: s
     return row
 
 
+def best(row: dict) -> str:
+    """The candidate with the highest environment score (the oracle's pick)."""
+    cands = row["candidates"]
+    return max(cands, key=lambda name: cands[name]["normalized_score"])
+
+
 def pick(row: dict, criterion: str) -> str:
     """The candidate a criterion deploys: the one it scores highest (ties: the first kept, i.e. the earliest)."""
     cands = row["candidates"]
@@ -190,11 +200,10 @@ def summarise(rows: list[dict]) -> dict:
         gains = []
         for r in rows:
             c = r["candidates"]
-            name = max(c, key=lambda k: c[k]["normalized_score"]) if crit == "oracle" else pick(r, crit)
+            name = best(r) if crit == "oracle" else pick(r, crit)
             gains.append(c[name]["normalized_score"] - c[r["control"]]["normalized_score"])
         g = np.asarray(gains, dtype=float)
-        se = float(g.std(ddof=1) / np.sqrt(len(g))) if len(g) > 1 else float("nan")
-        out[crit] = {"gains": gains, "mean": float(g.mean()), "se": se}
+        out[crit] = {"gains": gains, "mean": float(g.mean()), "se": float(standard_error(g))}
     return out
 
 
@@ -219,10 +228,10 @@ def report(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * (len(CRITERIA) + 4)]
     for r in rows:
         c = r["candidates"]
-        best = max(c, key=lambda k: c[k]["normalized_score"])
+        top = best(r)
         cells = [f"{c[pick(r, k)]['normalized_score']:.1f} ({pick(r, k)})" for k in CRITERIA]
         lines.append(f"| {r['dataset'].split('/', 1)[-1]} | {r['seed']} | {c[r['control']]['normalized_score']:.1f} | "
-                     + " | ".join(cells) + f" | {c[best]['normalized_score']:.1f} ({best}) |")
+                     + " | ".join(cells) + f" | {c[top]['normalized_score']:.1f} ({top}) |")
     lines += ["", "Paired gain of the picked candidate over the control (mean ± SE over runs; same training run):", "",
               "| | " + " | ".join(CRITERIA) + " | oracle |", "|" + "---|" * (len(CRITERIA) + 2)]
     sets = sorted({r["dataset"] for r in rows})
