@@ -12,6 +12,7 @@ try several augmentation settings.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -41,7 +42,7 @@ from .policy import IPDPolicy, StatefulIPDWrapper
 from .transformer import (EMA_WARMUPS, LR_SCHEDULES, RTG_RELABELS, CausalTransformer, ReturnTokenModel, WindowSampler,
                           WeightAverage, advantage_weights, fit_return_token_model, lr_lambda, set_token_floor,
                           taught_rows, value_guided_loss, value_returns_to_go)
-from .value import ValueFunctions, fit_value_functions, make_iql
+from .value import ValueFunctions, fit_value_functions, make_iql, module_device
 from .world_model import WorldModel, fit_world_model
 
 __all__ = ["IPDConfig", "IPD", "IPDImpl", "load_ipd"]
@@ -258,6 +259,8 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
                 world_model=WorldModel(observation_shape[0], action_size, cfg.world_model),
                 stages=StageFlags(),
             )
+        for module in (modules.transformer, modules.token, modules.value, modules.world_model, modules.stages):
+            module.to(self._device)  # built on the CPU under the seeded RNG, so CPU and GPU models start alike
         self._impl = IPDImpl(observation_shape, action_size, modules, self._device, iql)
 
     # ----- the whole method ----------------------------------------------------------------
@@ -462,6 +465,7 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         impl, cfg, tcfg = self._impl, self._config, self._config.transformer
         traj = aug.trajectories
         net = impl.transformer
+        dev = module_device(net)
         v_next = batched_values(impl.value, traj.next_observations)
         rtg = value_returns_to_go(traj, v_next, cfg.gamma, tcfg.rtg_relabel)
         if not impl.stages.is_done("transformer"):  # input normalisation from the training data, fixed after
@@ -498,7 +502,8 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         else:
             ema = None
         self._weight_average = ema
-        use_bf16 = tcfg.bf16 and native_cpu_bf16()  # emulated bf16 would be slower than fp32
+        # emulated bf16 would be slower than fp32; on a GPU the transformer trains in fp32
+        use_bf16 = tcfg.bf16 and dev.type == "cpu" and native_cpu_bf16()
         torch.manual_seed(cfg.seed + 2 + int(impl.stages.transformer_steps))
         step = 0  # steps done in this fit call
         state_path = os.path.join(checkpoint_dir, "train_state.pt") if checkpoint_dir else None
@@ -514,13 +519,15 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
             self._sched.load_state_dict(st["sched"])
             sampler.gen.set_state(st["sampler_rng"])
             torch.set_rng_state(st["torch_rng"])
+            if "cuda_rng" in st and dev.type == "cuda":  # dropout draws from the GPU's generator there
+                torch.cuda.set_rng_state(st["cuda_rng"], dev)
             step, self._grad_step = st["step"], st["grad_step"]
         net.train()
         last: dict = {}
         bar = tqdm(range(step, n_steps), desc="transformer", disable=not show_progress or n_steps == 0,
                    initial=step, total=n_steps)
         for _ in bar:
-            obs, act, g, mask = sampler.sample(tcfg.batch_size)
+            obs, act, g, mask = (x.to(dev) for x in sampler.sample(tcfg.batch_size))  # sampled on CPU
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
                 pred = net(obs, act, g)
             loss, metrics = value_guided_loss(pred.float(), act, obs, mask, impl.value.q, tcfg.value_guidance)
@@ -564,6 +571,8 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
                          "augment_key": int(impl.stages.augment_key), "optim": self._optim.state_dict(),
                          "sched": self._sched.state_dict(), "sampler_rng": sampler.gen.get_state(),
                          "torch_rng": torch.get_rng_state()}
+                if dev.type == "cuda":
+                    state["cuda_rng"] = torch.cuda.get_rng_state(dev)
                 if ema is not None:  # the checkpointed model holds the average; resuming needs the raw weights
                     state["raw_weights"] = [p.detach().clone() for p in ema.params]
                     state["ema_updates"] = ema.n_updates
@@ -706,10 +715,11 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
             raise ValueError("predict got NaN/inf observations.")
         self._impl.modules.set_eval()  # no dropout at inference (also after d3rlpy.load_learnable)
         with torch.no_grad():
-            o = torch.from_numpy(obs).unsqueeze(1)
+            dev = module_device(self._impl.transformer)
+            o = torch.from_numpy(obs).unsqueeze(1).to(dev)
             g = self.return_token(o)
-            a = torch.zeros(len(obs), 1, self._impl.action_size)
-            return self._impl.transformer(o, a, g)[:, 0].numpy()
+            a = torch.zeros(len(obs), 1, self._impl.action_size, device=dev)
+            return self._impl.transformer(o, a, g)[:, 0].cpu().numpy()
 
     def return_token_module(self) -> nn.Module:
         """The module that sets g_t at inference: V(s) (``return_token="value"``) or the fitted token model."""
@@ -753,6 +763,8 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         from .policy import ExportablePolicy
 
         module = ExportablePolicy(self._impl.transformer, self.return_token_module()).eval()
+        if module_device(module).type != "cpu":  # the exported file runs anywhere: trace a CPU copy
+            module = copy.deepcopy(module).cpu()
         k, o, a = self._config.context_size, self._impl.observation_shape[0], self._impl.action_size
         dummy = (torch.randn(k, o), torch.zeros(k, a))
         with torch.no_grad():

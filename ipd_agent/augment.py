@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .config import AugmentConfig
 from .data import Trajectories
 from .planner import MPCPlanner
-from .value import ValueFunctions, map_rows
+from .value import ValueFunctions, map_rows, module_device
 from .world_model import WorldModel
 
 __all__ = ["AugmentationResult", "augment", "segment_values", "select_branch_points", "batched_values"]
@@ -30,7 +30,7 @@ REASONS = ("accepted", "uncertainty", "terminal", "no_improvement")
 
 def batched_values(value: ValueFunctions, obs: np.ndarray, batch: int = 16384) -> np.ndarray:
     """V(s) for many states, in unscaled reward units."""
-    return map_rows(value.v, obs, batch=batch)
+    return map_rows(value.v, obs, batch=batch, device=value.reward_scale.device)
 
 
 def segment_values(traj: Trajectories, v_next: np.ndarray, gamma: float, lengths, rows: Optional[np.ndarray] = None):
@@ -148,19 +148,20 @@ class AugmentationResult:
 
 @torch.no_grad()
 def _rollout_chunk(planner: MPCPlanner, wm: WorldModel, start: torch.Tensor, length: int, gen: torch.Generator):
-    """Executes MPC for up to ``length`` steps from every start state at once."""
+    """Executes MPC for up to ``length`` steps from every start state at once (on the start states' device)."""
     c, od = start.shape
     ad = wm.act_dim
-    obs = torch.zeros(c, length, od)
-    act = torch.zeros(c, length, ad)
-    rew = torch.zeros(c, length)
-    nxt = torch.zeros(c, length, od)
-    term = torch.zeros(c, length, dtype=torch.bool)
-    lens = torch.zeros(c, dtype=torch.long)
+    dev = start.device
+    obs = torch.zeros(c, length, od, device=dev)
+    act = torch.zeros(c, length, ad, device=dev)
+    rew = torch.zeros(c, length, device=dev)
+    nxt = torch.zeros(c, length, od, device=dev)
+    term = torch.zeros(c, length, dtype=torch.bool, device=dev)
+    lens = torch.zeros(c, dtype=torch.long, device=dev)
     reason = np.full(c, "horizon", dtype=object)
     us = []
     s = start.clone()
-    alive = torch.ones(c, dtype=torch.bool)
+    alive = torch.ones(c, dtype=torch.bool, device=dev)
     for t in range(length):
         idx = torch.nonzero(alive).squeeze(1)
         if len(idx) == 0:
@@ -169,7 +170,7 @@ def _rollout_chunk(planner: MPCPlanner, wm: WorldModel, start: torch.Tensor, len
         n_s, r, done, u = wm.step(s[idx], a, generator=gen)
         untrusted = u > wm.threshold
         ok = idx[~untrusted]
-        reason[idx[untrusted].numpy()] = "uncertainty"
+        reason[idx[untrusted].cpu().numpy()] = "uncertainty"
         alive[idx[untrusted]] = False
         keep = ~untrusted
         obs[ok, t], act[ok, t], rew[ok, t], nxt[ok, t] = s[ok], a[keep], r[keep], n_s[keep]
@@ -178,7 +179,7 @@ def _rollout_chunk(planner: MPCPlanner, wm: WorldModel, start: torch.Tensor, len
         us.append(u[keep])
         s[ok] = n_s[keep]
         ended = ok[done[keep]]
-        reason[ended.numpy()] = "terminal"
+        reason[ended.cpu().numpy()] = "terminal"
         alive[ended] = False
     return obs, act, rew, nxt, term, lens, reason, torch.cat(us) if us else torch.zeros(0)
 
@@ -216,8 +217,9 @@ def augment(
     bar = tqdm(range(0, nb, cfg.chunk_size), desc="imaginary planning", disable=not show_progress or nb == 0)
     for c0 in bar:
         sl = slice(c0, min(nb, c0 + cfg.chunk_size))
-        start = torch.from_numpy(traj.observations[rows[sl]])
-        o, a, r, n, te, ln, rs, u = _rollout_chunk(planner, world_model, start, L, gen)
+        start = torch.from_numpy(traj.observations[rows[sl]]).to(module_device(world_model))
+        o, a, r, n, te, ln, rs, u = (x.cpu() if torch.is_tensor(x) else x
+                                     for x in _rollout_chunk(planner, world_model, start, L, gen))
         I_obs[sl], I_act[sl], I_rew[sl], I_nxt[sl], I_term[sl] = o.numpy(), a.numpy(), r.numpy(), n.numpy(), te.numpy()
         lens[sl], reasons[sl] = ln.numpy(), rs
         us.append(u.numpy())

@@ -40,6 +40,7 @@ class Profile:
     threads: int = 1  # torch threads per run
     curve_points: int = 5  # learning-curve evaluations per run (the last one is the final evaluation)
     curve_episodes: int = 3  # episodes per intermediate learning-curve evaluation (cheaper than the final one)
+    device: str = "cpu:0"  # torch device of every run: "cuda:0" on a GPU machine (the gpu profile's)
 
 
 def load_profile(path_or_name: str) -> Profile:
@@ -260,7 +261,8 @@ def run_one(algo_name: str, dataset_id: str, seed: int, profile: Profile, out_di
 
     if algo_name == "ipd":
         cfg = make_ipd_config(profile, seed, ipd_overrides)
-        algo, pre_times = prefit_ipd(cfg, traj, dataset_id, out_dir, stage_config(profile, seed, ipd_overrides))
+        algo, pre_times = prefit_ipd(cfg, traj, dataset_id, out_dir, stage_config(profile, seed, ipd_overrides),
+                                     profile.device)
         t0 = time.perf_counter()  # stages 1-2 are timed by the prefit and added below
         out = algo.fit(traj, n_steps=profile.transformer_steps, n_steps_per_epoch=max(1, profile.transformer_steps),
                        experiment_name=f"{label}_{dataset_id.replace('/', '_')}_s{seed}", logger_adapter=adapter,
@@ -269,7 +271,7 @@ def run_one(algo_name: str, dataset_id: str, seed: int, profile: Profile, out_di
         extra = {"augmentation": out["augmentation"]}
         config = json.loads(cfg.serialize())
     else:
-        algo = _baseline(algo_name, profile, "cpu:0")
+        algo = _baseline(algo_name, profile, profile.device)
         ds = traj.to_d3rlpy()
         algo.fit(ds, n_steps=steps, n_steps_per_epoch=steps, experiment_name=f"{label}_{dataset_id.replace('/', '_')}_s{seed}",
                  logger_adapter=adapter, show_progress=False, save_interval=10**9, callback=curve)
@@ -344,7 +346,7 @@ def _target_rtg_eval(algo, traj, env, episodes: int, seed: int, ref) -> dict:
             "normalized_score": float(np.mean([normalized_score(r, ref) for r in rets]))}
 
 
-def _prefit_key(cfg, dataset_id: str) -> str:
+def _prefit_key(cfg, dataset_id: str, device: str = "cpu:0") -> str:
     import hashlib
 
     d = json.loads(cfg.serialize())
@@ -353,6 +355,8 @@ def _prefit_key(cfg, dataset_id: str) -> str:
     # architecture is part of the key; stage_config gives every variant of one profile the same one
     keep["transformer"] = {k: v for k, v in keep["transformer"].items()
                            if k in ("hidden_size", "n_layers", "n_heads", "tokens_per_step")}
+    if not device.startswith("cpu"):  # stages fitted on a GPU differ in the last bits; CPU keys stay as they were
+        keep["device"] = device.split(":")[0]
     return hashlib.sha1(json.dumps([dataset_id, keep], sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -367,43 +371,44 @@ def stage_config(profile: Profile, seed: int, overrides: Optional[dict] = None):
     return cfg
 
 
-def prefit_ipd(cfg, traj, dataset_id: str, out_dir: str, stages=None):
+def prefit_ipd(cfg, traj, dataset_id: str, out_dir: str, stages=None, device: str = "cpu:0"):
     """IPD with stages 1-2 (IQL value, world model) fitted once per (dataset, seed, settings) and cached.
 
     Args:
         cfg: the run's config; the returned model is built from it.
         stages: the config stages 1-2 are fitted under (``stage_config``; default ``cfg``). Runs whose ``stages``
             agree share the fit, exactly as a user would by calling ``fit`` again with other augmentation settings.
+        device: torch device of the fit and of the returned model (part of the cache key unless a CPU).
     """
     import copy
 
     from .algo import load_ipd
 
     stages = cfg if stages is None else stages
-    key = _prefit_key(stages, dataset_id)
+    key = _prefit_key(stages, dataset_id, device)
     path = os.path.join(out_dir, "cache", f"{dataset_id.replace('/', '__')}__s{cfg.seed}__{key}.d3")
     times_path = path + ".json"
     if os.path.exists(path) and os.path.exists(times_path):
         with open(times_path) as f:
-            return _with_fitted_stages(cfg, load_ipd(path)), json.load(f)
+            return _with_fitted_stages(cfg, load_ipd(path, device), device), json.load(f)
     import d3rlpy
 
     base = copy.deepcopy(stages)
     base.augment.enabled = False
-    algo = base.create(device="cpu:0")
+    algo = base.create(device=device)
     algo.fit(traj, n_steps=0, show_progress=False, logger_adapter=d3rlpy.logging.NoopAdapterFactory())
     os.makedirs(os.path.dirname(path), exist_ok=True)
     algo.save(path + ".tmp")
     os.replace(path + ".tmp", path)
     times = {k: algo.stage_times[k] for k in ("value", "world_model")}
     write_row(times_path, times)  # atomic, as the cache itself: a killed sweep leaves no half-written file
-    return _with_fitted_stages(cfg, load_ipd(path)), times
+    return _with_fitted_stages(cfg, load_ipd(path, device), device), times
 
 
-def _with_fitted_stages(cfg, cached):
+def _with_fitted_stages(cfg, cached, device: str = "cpu:0"):
     """A model built from ``cfg`` (its transformer initialised exactly as a fresh ``fit`` would) that holds the cached
     model's fitted value function and world model, so ``fit`` goes straight to augmentation and the transformer."""
-    algo = cfg.create(device="cpu:0")
+    algo = cfg.create(device=device)
     algo.create_impl(cached.impl.observation_shape, cached.impl.action_size)
     for name in ("value", "world_model", "stages"):
         getattr(algo.impl, name).load_state_dict(getattr(cached.impl, name).state_dict())
@@ -420,7 +425,7 @@ def _prefit_job(dataset_id: str, seed: int, profile: Profile, out_dir: str, over
 
     traj, _ = load_minari(dataset_id)
     prefit_ipd(make_ipd_config(profile, seed, overrides), traj, dataset_id, out_dir,
-               stage_config(profile, seed, overrides))
+               stage_config(profile, seed, overrides), profile.device)
     return dataset_id
 
 
@@ -443,7 +448,8 @@ def _finished_rows(jobs: list[dict], out_dir: str) -> tuple[list[dict], list[dic
 
 def _stages_key(job: dict, profile: Profile) -> tuple:
     """Which fit of stages 1-2 an IPD job uses."""
-    return job["dataset"], _prefit_key(stage_config(profile, job["seed"], job.get("ipd_overrides")), job["dataset"])
+    return job["dataset"], _prefit_key(stage_config(profile, job["seed"], job.get("ipd_overrides")), job["dataset"],
+                                       profile.device)
 
 
 def _prefits_needed(jobs: list[dict], profile: Profile, out_dir: str) -> list[dict]:

@@ -7,6 +7,7 @@ Every sub-command has ``--help`` with an example. The same functionality is avai
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -41,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0, help="seed of every stage")
     f.add_argument("--out", default="ipd_model.d3", help="where to save the fitted model")
     f.add_argument("--logdir", default="d3rlpy_logs", help="d3rlpy file-logger root")
+    f.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: the profile's, else cpu:0)")
 
     e = add("evaluate", "Evaluate a saved IPD model in a Gymnasium environment (value-conditioned, no target).")
     e.add_argument("model", help="model saved by `ipd-agent fit` or IPD.save")
@@ -72,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     b.add_argument("--minari-path", default=None, help="folder holding the Minari datasets")
     b.add_argument("--workers", type=int, default=2, help="parallel runs (one torch thread each)")
+    b.add_argument("--device", default=None, help="torch device of every run, e.g. cuda:0 (default: the profile's)")
     b.add_argument("--out", default="benchmarks/results/bench", help="results folder (finished runs are skipped)")
     b.add_argument("--ray-address", default=None,
                    help="run on a Ray cluster instead of local processes ('auto', 'ray://host:10001', or 'local')")
@@ -97,6 +100,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
 
 
+def _check_device(device) -> None:
+    """A CUDA device on a machine without one fails here, with the fix, not deep inside the first run."""
+    if device and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU. Use --device "
+                             "cpu:0 (or a cpu profile), or install a CUDA build of torch on a GPU machine.")
+
+
 def _check_writable(path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
@@ -117,12 +130,16 @@ def _fit(args) -> int:
     overrides = {}
     if args.config:
         overrides = json.load(open(args.config)) if os.path.exists(args.config) else json.loads(args.config)
+    device = args.device
     if args.profile:
-        cfg = make_ipd_config(load_profile(args.profile), args.seed, overrides)
+        profile = load_profile(args.profile)
+        cfg = make_ipd_config(profile, args.seed, overrides)
+        device = device or profile.device
     else:
         cfg = IPDConfig.from_settings({"seed": args.seed, **overrides})
+    _check_device(device)
     traj, meta = load_minari(args.dataset)
-    algo = cfg.create(device="cpu:0")
+    algo = cfg.create(device=device or "cpu:0")
     out = algo.fit(traj, n_steps=args.n_steps, logger_adapter=d3rlpy.logging.FileAdapterFactory(root_dir=args.logdir))
     algo.save(args.out)
     print(json.dumps({"model": args.out, "stage_times_s": out["stage_times"], "augmentation": out["augmentation"]},
@@ -188,6 +205,9 @@ def _bench(args) -> int:
     from .bench import load_profile, markdown_table, run_sweep
 
     prof = load_profile(args.profile)
+    if args.device:
+        prof = dataclasses.replace(prof, device=args.device)
+    _check_device(prof.device)
     # seed-major order: an interrupted sweep leaves whole seeds (every dataset and algorithm) finished
     jobs = [{"algo": a, "dataset": d, "seed": s} for s in args.seeds for d in args.datasets for a in args.algos]
     root = os.path.abspath(args.minari_path) if args.minari_path else os.environ.get("MINARI_DATASETS_PATH")

@@ -44,8 +44,8 @@ class MPCPlanner:
         s = obs.unsqueeze(1).expand(b, n, obs.shape[-1]).reshape(b * n, -1)
         acts = actions.reshape(b * n, h, a)
         kappa = self.wm.threshold
-        ret = torch.zeros(b * n)
-        alive = torch.ones(b * n, dtype=torch.bool)
+        ret = torch.zeros(b * n, device=obs.device)
+        alive = torch.ones(b * n, dtype=torch.bool, device=obs.device)
         disc = 1.0
         for t in range(h):
             mean, logvar, term = self.wm.predict_elites(s, acts[:, t])
@@ -92,13 +92,15 @@ class MPCPlanner:
         warm = mu
         best_seq, best_score = mu, None
         for it in range(cfg.n_iterations):
-            eps = torch.randn((b, n, h, a), generator=generator)
+            # drawn on the generator's device (a seeded CPU generator drives a CUDA model too), then moved
+            gdev = obs.device if generator is None else generator.device
+            eps = torch.randn((b, n, h, a), generator=generator, device=gdev).to(obs.device)
             cand = (mu.unsqueeze(1) + cfg.noise_std * eps).clamp(self.low, self.high)
             cand[:, 0] = mu  # the current mean is always a candidate, so MPC never loses to its warm start
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
                 scores = self.score(obs, cand).float()  # [B, N]
             top, arg = scores.max(dim=1)
-            seq = cand[torch.arange(b), arg]
+            seq = cand[torch.arange(b, device=obs.device), arg]
             if best_score is None:
                 best_score, best_seq = top, seq
             else:

@@ -42,19 +42,21 @@ class TransformerContext:
         self.ratchet = rtg_mode == "value" and bool(getattr(algo.config.transformer, "token_ratchet", False))
         self.k, self.obs_dim, self.act_dim = algo.config.context_size, impl.observation_shape[0], impl.action_size
         self.rtg_mode, self.target_return, self.n_envs = rtg_mode, target_return, n_envs
+        self.device = next(self.net.parameters()).device  # the windows live beside the network
         self.reset()
 
     def reset(self, which: Optional[np.ndarray] = None) -> None:
         """Clears the context of every environment, or of those where ``which`` is True."""
         if which is None:
-            self.obs = torch.zeros(self.n_envs, self.k, self.obs_dim)
-            self.act = torch.zeros(self.n_envs, self.k, self.act_dim)
-            self.rtg = torch.zeros(self.n_envs, self.k)
-            self.length = torch.zeros(self.n_envs, dtype=torch.long)
-            self.remaining = torch.full((self.n_envs,), float(self.target_return or 0.0))
-            self.peak = torch.full((self.n_envs,), float("-inf"))  # highest token asked so far (ratchet)
+            n, dev = self.n_envs, self.device
+            self.obs = torch.zeros(n, self.k, self.obs_dim, device=dev)
+            self.act = torch.zeros(n, self.k, self.act_dim, device=dev)
+            self.rtg = torch.zeros(n, self.k, device=dev)
+            self.length = torch.zeros(n, dtype=torch.long, device=dev)
+            self.remaining = torch.full((n,), float(self.target_return or 0.0), device=dev)
+            self.peak = torch.full((n,), float("-inf"), device=dev)  # highest token asked so far (ratchet)
             return
-        w = torch.as_tensor(np.asarray(which, dtype=bool))
+        w = torch.as_tensor(np.asarray(which, dtype=bool)).to(self.device)
         self.obs[w], self.act[w], self.rtg[w], self.length[w] = 0.0, 0.0, 0.0, 0
         self.remaining[w] = float(self.target_return or 0.0)
         self.peak[w] = float("-inf")
@@ -65,10 +67,10 @@ class TransformerContext:
         obs = np.asarray(obs, dtype=np.float32)
         if not np.all(np.isfinite(obs)):  # before anything is appended: the contexts stay as they were
             raise ValueError("predict got NaN/inf observations.")
-        o = torch.as_tensor(obs).reshape(self.n_envs, self.obs_dim)
+        o = torch.as_tensor(obs).reshape(self.n_envs, self.obs_dim).to(self.device)
         started = self.length > 0
         if self.rtg_mode == "target" and last_reward is not None:
-            r = torch.as_tensor(np.asarray(last_reward, dtype=np.float32)).reshape(self.n_envs)
+            r = torch.as_tensor(np.asarray(last_reward, dtype=np.float32)).reshape(self.n_envs).to(self.device)
             self.remaining = torch.where(started, (self.remaining - r) / self.gamma, self.remaining)
         full = self.length >= self.k
         if full.any():  # drop the oldest token of full windows
@@ -76,7 +78,7 @@ class TransformerContext:
             self.act[full] = torch.roll(self.act[full], -1, dims=1)
             self.rtg[full] = torch.roll(self.rtg[full], -1, dims=1)
         slot = torch.clamp(self.length, max=self.k - 1)
-        rows = torch.arange(self.n_envs)
+        rows = torch.arange(self.n_envs, device=self.device)
         self.obs[rows, slot] = o
         self.act[rows, slot] = 0.0  # a_t is what we predict; causal attention never lets s_t see it anyway
         if self.rtg_mode == "value":
@@ -89,7 +91,7 @@ class TransformerContext:
         self.length = torch.clamp(self.length + 1, max=self.k)
         pred = self.net(self.obs, self.act, self.rtg)[rows, slot]  # right padding follows, causal: no effect
         self.act[rows, slot] = pred
-        return pred.numpy()
+        return pred.cpu().numpy()
 
 
 class StatefulIPDWrapper:

@@ -128,7 +128,7 @@ def advantage_weights(value, obs: np.ndarray, act: np.ndarray, beta: float, batc
         adv = (value.q(o, a) - value.v(o)) * value.reward_scale
         return torch.exp(beta * adv).clamp(max=value.max_weight)
 
-    return map_rows(weight, obs, act, batch=batch)
+    return map_rows(weight, obs, act, batch=batch, device=value.reward_scale.device)
 
 
 class Block(nn.Module):
@@ -258,8 +258,9 @@ def fit_return_token_model(model: ReturnTokenModel, obs: np.ndarray, g: np.ndarr
     Returns the final mini-batch loss."""
     if not 0.5 <= expectile < 1.0:
         raise ValueError(f"transformer.token_expectile must be in [0.5, 1), got {expectile}")
-    o = torch.from_numpy(np.asarray(obs, np.float32))
-    y = torch.from_numpy(np.asarray(g, np.float32))
+    dev = model.obs_mean.device
+    o = torch.from_numpy(np.asarray(obs, np.float32)).to(dev)
+    y = torch.from_numpy(np.asarray(g, np.float32)).to(dev)
     with torch.no_grad():
         model.obs_mean.copy_(o.mean(0))
         model.obs_std.copy_(o.std(0) + 1e-6)
@@ -275,9 +276,9 @@ def fit_return_token_model(model: ReturnTokenModel, obs: np.ndarray, g: np.ndarr
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, n_steps))
     model.train()
-    loss = torch.zeros(())
+    loss = torch.zeros((), device=dev)
     for _ in range(n_steps):
-        idx = torch.randint(0, len(o), (batch_size,), generator=gen)
+        idx = torch.randint(0, len(o), (batch_size,), generator=gen).to(dev)
         diff = yn[idx] - model.net((o[idx] - model.obs_mean) / model.obs_std).squeeze(-1)
         # asymmetric squared loss: under-predictions weigh `expectile`, over-predictions 1 - expectile
         loss = (torch.where(diff > 0, expectile, 1.0 - expectile) * diff ** 2).mean()
@@ -304,7 +305,7 @@ def set_token_floor(model: ReturnTokenModel, obs: np.ndarray, quantile: Optional
         return None
     if not model.fitted:
         raise RuntimeError("set_token_floor needs a fitted token model (fit_return_token_model first).")
-    g = model(torch.from_numpy(np.asarray(obs, np.float32))).numpy()
+    g = model(torch.from_numpy(np.asarray(obs, np.float32)).to(model.obs_mean.device)).cpu().numpy()
     model.floor.fill_(float(np.quantile(g, quantile)))
     return float(model.floor)
 

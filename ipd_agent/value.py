@@ -15,17 +15,25 @@ from torch import nn
 
 from .config import ValueConfig
 
-__all__ = ["ValueFunctions", "make_iql", "fit_value_functions", "map_rows"]
+__all__ = ["ValueFunctions", "make_iql", "fit_value_functions", "map_rows", "module_device"]
 
 
-def map_rows(fn: Callable[..., torch.Tensor], *arrays: np.ndarray, batch: int = 16384) -> np.ndarray:
+def map_rows(fn: Callable[..., torch.Tensor], *arrays: np.ndarray, batch: int = 16384,
+             device: Optional[torch.device] = None) -> np.ndarray:
     """``fn`` over row chunks of equally long arrays (float32 tensors in, one value per row out), without autograd:
-    the frozen stage-1 networks see a whole dataset at once without holding it all in activations."""
+    the frozen stage-1 networks see a whole dataset at once without holding it all in activations. ``device``: where
+    ``fn``'s networks live (the chunks go there; the result comes back as numpy)."""
     n = len(arrays[0])
     with torch.no_grad():
-        out = [fn(*(torch.from_numpy(np.ascontiguousarray(a[i:i + batch], dtype=np.float32)) for a in arrays)).numpy()
+        out = [fn(*(torch.from_numpy(np.ascontiguousarray(a[i:i + batch], dtype=np.float32)).to(device)
+                    for a in arrays)).cpu().numpy()
                for i in range(0, n, batch)]
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device a module's weights live on (``cpu`` or ``cuda:N``): where its inputs must be sent."""
+    return next(module.parameters()).device
 
 
 def make_iql(cfg: ValueConfig, device: str) -> "d3rlpy.algos.IQL":

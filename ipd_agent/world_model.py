@@ -133,10 +133,12 @@ class WorldModel(nn.Module):
         u = self.uncertainty_from(mean, logvar)
         b = obs.shape[0]
         if sample:
-            idx = torch.randint(0, mean.shape[0], (b,), generator=generator, device=obs.device)
+            # drawn on the generator's device (a seeded CPU generator drives a CUDA model too), then moved
+            gdev = obs.device if generator is None else generator.device
+            idx = torch.randint(0, mean.shape[0], (b,), generator=generator, device=gdev).to(obs.device)
             ar = torch.arange(b, device=obs.device)
             mu, lv, tl = mean[idx, ar], logvar[idx, ar], term[idx, ar]
-            noise = torch.randn(mu.shape, generator=generator, device=obs.device)
+            noise = torch.randn(mu.shape, generator=generator, device=gdev).to(obs.device)
             y = mu + noise * (0.5 * lv).exp()
         else:
             y, tl = mean.mean(dim=0), term.mean(dim=0)
@@ -197,6 +199,7 @@ def fit_world_model(
     reward and terminal heads, and the held-out set is drawn from the known rows.
     """
     cfg = model.cfg
+    dev = model.in_mean.device  # the data goes where the ensemble is; batches are drawn by the CPU generator
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     x_all = np.concatenate([obs, act], axis=1).astype(np.float32)
@@ -218,20 +221,20 @@ def fit_world_model(
         n_pos = float(d_all[train].sum())
         # sqrt of the class ratio: recall on rare terminals without flooding rollouts with false stops
         model.term_pos_weight.fill_(float(np.sqrt((len(train) - n_pos) / n_pos)) if n_pos > 0 else 1.0)
-    xt = (torch.from_numpy(x_all) - model.in_mean) / model.in_std
-    yt = (torch.from_numpy(y_all) - model.out_mean) / model.out_std
-    dt = torch.from_numpy(d_all)
-    kt = None if known is None else torch.from_numpy(known)
-    train_t = torch.from_numpy(train)
+    xt = (torch.from_numpy(x_all).to(dev) - model.in_mean) / model.in_std
+    yt = (torch.from_numpy(y_all).to(dev) - model.out_mean) / model.out_std
+    dt = torch.from_numpy(d_all).to(dev)
+    kt = None if known is None else torch.from_numpy(known).to(dev)
+    train_t, hold_t = torch.from_numpy(train), torch.from_numpy(hold).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
-    best = torch.full((cfg.n_members,), float("inf"))
+    best = torch.full((cfg.n_members,), float("inf"), device=dev)
     best_state = {k: v.clone() for k, v in model.state_dict().items()}
     since_improved, history = 0, []
     bar = tqdm(range(1, cfg.max_steps + 1), desc="world model", disable=not show_progress)
     model.train()
     for step in bar:
         # each member gets its own bootstrap-style random batch: [E, B]
-        idx = train_t[torch.randint(0, len(train_t), (cfg.n_members, cfg.batch_size), generator=gen)]
+        idx = train_t[torch.randint(0, len(train_t), (cfg.n_members, cfg.batch_size), generator=gen)].to(dev)
         loss, metrics = model.loss(xt[idx], yt[idx], dt[idx], None if kt is None else kt[idx])
         if not torch.isfinite(loss):  # checked before the update, so the weights stay at the last good step
             raise FloatingPointError(f"world model loss became {float(loss)} at step {step}; "
@@ -240,7 +243,7 @@ def fit_world_model(
         loss.backward()
         opt.step()
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            errs = model.holdout_errors(xt[hold], yt[hold])
+            errs = model.holdout_errors(xt[hold_t], yt[hold_t])
             improved = errs < best * (1 - 1e-3)
             if improved.any():
                 # keep each member's best weights (member-wise snapshot of the batched tensors)
@@ -263,10 +266,10 @@ def fit_world_model(
                 break
     model.load_state_dict(best_state)
     model.eval()
-    errs = model.holdout_errors(xt[hold], yt[hold])
+    errs = model.holdout_errors(xt[hold_t], yt[hold_t])
     model.elites.copy_(torch.argsort(errs)[: cfg.n_elites])
-    o_t, a_t = torch.from_numpy(obs.astype(np.float32)), torch.from_numpy(act.astype(np.float32))
-    sub = torch.from_numpy(rng.choice(n, size=min(n, cfg.threshold_samples), replace=False))
+    o_t, a_t = torch.from_numpy(obs.astype(np.float32)).to(dev), torch.from_numpy(act.astype(np.float32)).to(dev)
+    sub = torch.from_numpy(rng.choice(n, size=min(n, cfg.threshold_samples), replace=False)).to(dev)
     kappa = model.calibrate_threshold(o_t[sub], a_t[sub])
     model.fitted.fill_(True)
     return {
