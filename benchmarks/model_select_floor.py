@@ -22,31 +22,46 @@ import torch
 
 
 @torch.no_grad()
-def imagine(algo, starts: np.ndarray, horizon: int, sample: bool, seed: int) -> dict:
-    """Rolls the deployed policy out in the world model from every start state at once (one batch)."""
+@torch.no_grad()
+def imagine(algo, starts: np.ndarray, horizon: int, sample: bool, seed: int, value_horizon: int | None = None) -> dict:
+    """Rolls the deployed policy out in the world model from every start state at once (one batch).
+
+    Returns the mean undiscounted return, its std, the mean length and the return up to the first untrusted step
+    (U > κ). With ``value_horizon`` also ``value``: the discounted return of the first ``value_horizon`` steps plus
+    γ^H·V(s_H) where the rollout is still going (the whole rollout's, bootstrapped at its end, if it is shorter);
+    ``benchmarks/select_deployment.py`` scores candidates with it."""
     from ipd_agent.policy import TransformerContext
 
-    wm = algo.impl.world_model
+    wm, value, gamma = algo.impl.world_model, algo.impl.value, algo.config.gamma
     n = len(starts)
-    ctx = TransformerContext(algo, n)
+    ctx = TransformerContext(algo, n)  # deployment exactly as predict: eval mode, the return token from s_t
     gen = torch.Generator().manual_seed(seed)
     obs = torch.from_numpy(starts.astype(np.float32))
-    ret, ret_trusted = torch.zeros(n), torch.zeros(n)
+    ret, ret_trusted, disc = torch.zeros(n), torch.zeros(n), torch.zeros(n)
     alive, trusted = torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)
     length = torch.zeros(n, dtype=torch.long)
-    for _ in range(horizon):
+    boot = None
+    for t in range(horizon):
+        if t == value_horizon:
+            boot = disc + gamma ** t * torch.where(alive, value.v(obs), 0.0)
         act = torch.from_numpy(ctx.step(obs.numpy())).clamp(-1.0, 1.0)
         nxt, rew, term, u = wm.step(obs, act, generator=gen, sample=sample)
         trusted &= u <= wm.threshold
         ret += torch.where(alive, rew, 0.0)
         ret_trusted += torch.where(alive & trusted, rew, 0.0)
+        disc += torch.where(alive, gamma ** t * rew, 0.0)
         length += alive.long()
         alive &= ~term
-        if not alive.any():
+        if not alive.any():  # nothing left to add (a bootstrap would be 0 everywhere)
             break
         obs = torch.where(alive[:, None], nxt, obs)  # finished rollouts idle on their last state
-    return {"return": float(ret.mean()), "return_std": float(ret.std()), "length": float(length.float().mean()),
-            "return_trusted": float(ret_trusted.mean())}
+    out = {"return": float(ret.mean()), "return_std": float(ret.std()), "length": float(length.float().mean()),
+           "return_trusted": float(ret_trusted.mean())}
+    if value_horizon is not None:
+        if boot is None:  # the rollout ended (or its horizon came) before value_horizon
+            boot = disc + gamma ** horizon * torch.where(alive, value.v(obs), 0.0)
+        out["value"] = float(boot.mean())
+    return out
 
 
 def main() -> None:

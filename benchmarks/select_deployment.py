@@ -37,6 +37,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from model_select_floor import imagine  # noqa: E402
 from pooled_seeds import standard_error  # noqa: E402
 
 CANDIDATE_FRACTIONS = (0.6, 0.7, 0.8, 0.9)  # of the transformer steps; the final weights are the control
@@ -76,32 +77,11 @@ def offline_scores(algo, starts: np.ndarray, windows, horizon: int, value_horizo
     """Every criterion of ``CRITERIA`` for the weights the transformer holds now (no environment)."""
     import torch
 
-    from ipd_agent.policy import TransformerContext
-
     impl = algo.impl
-    wm, value, net, gamma = impl.world_model, impl.value, impl.transformer, algo.config.gamma
+    value, net = impl.value, impl.transformer
+    # model rollouts from every start state at once, with the same model noise (seed) for every candidate
+    roll = imagine(algo, starts, horizon, sample=True, seed=seed, value_horizon=value_horizon)
     with torch.no_grad():
-        # model rollouts: every start state at once; finished rollouts idle on their last state
-        n = len(starts)
-        ctx = TransformerContext(algo, n)  # deployment exactly as predict: eval mode, the return token from s_t
-        gen = torch.Generator().manual_seed(seed)  # the same model noise for every candidate
-        obs = torch.from_numpy(starts.astype(np.float32))
-        ret, disc = torch.zeros(n), torch.zeros(n)
-        alive = torch.ones(n, dtype=torch.bool)
-        length = torch.zeros(n, dtype=torch.long)
-        boot = None
-        for t in range(horizon):
-            if t == value_horizon:
-                boot = disc + gamma ** t * torch.where(alive, value.v(obs), 0.0)
-            act = torch.from_numpy(ctx.step(obs.numpy())).clamp(-1.0, 1.0)
-            nxt, rew, term, _ = wm.step(obs, act, generator=gen, sample=True)
-            ret += torch.where(alive, rew, 0.0)
-            disc += torch.where(alive, gamma ** t * rew, 0.0)
-            length += alive.long()
-            alive &= ~term
-            obs = torch.where(alive[:, None], nxt, obs)
-        if boot is None:  # horizon <= value_horizon: the whole rollout, bootstrapped at its end
-            boot = disc + gamma ** horizon * torch.where(alive, value.v(obs), 0.0)
         # q_data: the policy's action at every position of real windows, teacher-forced on the dataset's context
         net.eval()
         w_obs, w_act = (torch.from_numpy(x) for x in windows)
@@ -109,8 +89,8 @@ def offline_scores(algo, starts: np.ndarray, windows, horizon: int, value_horizo
         g = token(w_obs.reshape(-1, w_obs.shape[-1])).reshape(w_obs.shape[:2])
         pred = net(w_obs, w_act, g)
         adv = value.q(w_obs, pred) - value.v(w_obs)
-    return {"wm_return": float(ret.mean()), "wm_length": float(length.float().mean()),
-            "wm_value": float(boot.mean()), "q_data": float(adv.mean())}
+    return {"wm_return": roll["return"], "wm_length": roll["length"], "wm_value": roll["value"],
+            "q_data": float(adv.mean())}
 
 
 def run(dataset_id: str, seed: int, out_dir: str, profile="cpu", dataset_root: str | None = None,
