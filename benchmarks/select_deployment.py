@@ -99,19 +99,63 @@ def run(dataset_id: str, seed: int, out_dir: str, profile="cpu", dataset_root: s
     reads it back instead when it exists."""
     import torch
 
-    from ipd_agent.bench import evaluate, load_profile, prefit_ipd, stage_config, start_ipd_run, versions, write_row
+    from ipd_agent.bench import evaluate, versions, write_row
     from ipd_agent.data import normalized_score
-    from ipd_agent.transformer import WeightAverage
 
     path = row_file(out_dir, dataset_id, seed)
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
+    got: dict = {}
+
+    def check(traj, cfg):  # before any training: the criteria need this many real windows and start states
+        got["windows"] = data_windows(traj, cfg.context_size, n_windows, seed)
+        got["starts"] = start_states(traj, n_starts, seed)
+
+    fit = train_candidates(dataset_id, seed, out_dir, profile, dataset_root, check)
+    algo, kept, meta, ref, cfg, profile = fit["algo"], fit["kept"], fit["meta"], fit["ref"], fit["cfg"], fit["profile"]
+    windows, starts = got["windows"], got["starts"]
+    net = algo.impl.transformer
+    eval_env = meta.get("env_spec") or meta["env_id"]
+    candidates = {}
+    for name, weights in kept.items():
+        with torch.no_grad():
+            for p, w in zip(net.parameters(), weights):
+                p.copy_(w)
+        ts = time.perf_counter()
+        offline = offline_scores(algo, starts, windows, horizon, value_horizon, seed)
+        te = time.perf_counter()
+        rets = evaluate(algo, eval_env, profile.eval_episodes, seed)
+        candidates[name] = {"normalized_score": float(np.mean([normalized_score(r, ref) for r in rets])),
+                            "returns": [float(r) for r in rets], **offline,
+                            "offline_time_s": te - ts, "eval_time_s": time.perf_counter() - te}
+        print(f"{dataset_id} seed {seed} {name}: score {candidates[name]['normalized_score']:.1f}, "
+              + ", ".join(f"{c} {offline[c]:.3g}" for c in CRITERIA), flush=True)
+    row = {"dataset": dataset_id, "seed": seed, "control": CONTROL, "candidates": candidates,
+           "criteria": {"n_starts": len(starts), "horizon": horizon, "value_horizon": value_horizon,
+                        "n_windows": len(windows[0]), "gamma": algo.config.gamma},
+           "train_wall_time_s": fit["train_time"], "stage_times_s": fit["stage_times"],
+           "augmentation": fit["augmentation"], "profile": profile.name, "versions": versions(),
+           "config": json.loads(cfg.serialize())}
+    write_row(path, row)
+    return row
+
+
+def train_candidates(dataset_id: str, seed: int, out_dir: str, profile="cpu", dataset_root: str | None = None,
+                     check=None) -> dict:
+    """One IPD fit under ``profile`` (stages 1-2 cached under ``out_dir`` as the harness caches them) that keeps every
+    candidate's weights. ``check(traj, cfg)`` runs after the data is loaded and before any training.
+
+    Returns a dict: ``algo`` (holding the ``final`` weights, as ``fit`` left it), ``kept`` (candidate name -> parameter
+    tensors in ``net.parameters()`` order, in the order of the module docstring), ``traj``, ``meta``, ``ref``, ``cfg``,
+    ``profile``, ``train_time``, ``stage_times`` and ``augmentation``."""
+    from ipd_agent.bench import load_profile, prefit_ipd, stage_config, start_ipd_run
+    from ipd_agent.transformer import WeightAverage
+
     profile = load_profile(profile) if isinstance(profile, str) else profile
     traj, meta, ref, cfg = start_ipd_run(profile, dataset_id, seed, dataset_root)
-    # checked before any training: the criteria need this many real windows and start states
-    windows = data_windows(traj, cfg.context_size, n_windows, seed)
-    starts = start_states(traj, n_starts, seed)
+    if check is not None:
+        check(traj, cfg)
     algo, pre_times = prefit_ipd(cfg, traj, dataset_id, out_dir, stage_config(profile, seed))
     steps = profile.transformer_steps
     marks = set(candidate_steps(steps))
@@ -136,29 +180,9 @@ def run(dataset_id: str, seed: int, out_dir: str, profile="cpu", dataset_root: s
     net = algo.impl.transformer
     kept[CONTROL] = [p.detach().clone() for p in net.parameters()]  # what fit deployed
     kept[f"bc-{LONG_DECAY:g}"] = long_avg[0].average
-    eval_env = meta.get("env_spec") or meta["env_id"]
-    candidates = {}
-    for name, weights in kept.items():
-        with torch.no_grad():
-            for p, w in zip(net.parameters(), weights):
-                p.copy_(w)
-        ts = time.perf_counter()
-        offline = offline_scores(algo, starts, windows, horizon, value_horizon, seed)
-        te = time.perf_counter()
-        rets = evaluate(algo, eval_env, profile.eval_episodes, seed)
-        candidates[name] = {"normalized_score": float(np.mean([normalized_score(r, ref) for r in rets])),
-                            "returns": [float(r) for r in rets], **offline,
-                            "offline_time_s": te - ts, "eval_time_s": time.perf_counter() - te}
-        print(f"{dataset_id} seed {seed} {name}: score {candidates[name]['normalized_score']:.1f}, "
-              + ", ".join(f"{c} {offline[c]:.3g}" for c in CRITERIA), flush=True)
-    row = {"dataset": dataset_id, "seed": seed, "control": CONTROL, "candidates": candidates,
-           "criteria": {"n_starts": len(starts), "horizon": horizon, "value_horizon": value_horizon,
-                        "n_windows": len(windows[0]), "gamma": algo.config.gamma},
-           "train_wall_time_s": train_time, "stage_times_s": {**pre_times, **out["stage_times"]},
-           "augmentation": out["augmentation"], "profile": profile.name, "versions": versions(),
-           "config": json.loads(cfg.serialize())}
-    write_row(path, row)
-    return row
+    return {"algo": algo, "kept": kept, "traj": traj, "meta": meta, "ref": ref, "cfg": cfg, "profile": profile,
+            "train_time": train_time, "stage_times": {**pre_times, **out["stage_times"]},
+            "augmentation": out["augmentation"]}
 
 
 def best(row: dict) -> str:

@@ -173,8 +173,11 @@ def _baseline(name: str, profile: Profile, device: str):
     raise ValueError(f"unknown algorithm {name!r}; choose from {ALGOS}")
 
 
-def evaluate(algo: Any, env_id: Any, episodes: int, seed: int, transformer_target: Optional[float] = None) -> list:
-    """Returns of ``episodes`` episodes with d3rlpy's evaluators (seeded env); ``env_id`` may be an EnvSpec."""
+def evaluate(algo: Any, env_id: Any, episodes: int, seed: int, transformer_target: Optional[float] = None,
+             policy: Any = None) -> list:
+    """Returns of ``episodes`` episodes with d3rlpy's evaluators (seeded env); ``env_id`` may be an EnvSpec.
+    ``policy``: a stateful policy (``predict(x, reward)``, ``reset()``) to run instead of ``algo``'s own, on the same
+    env seeds (diagnostics that deploy something other than the fitted model)."""
     import gymnasium as gym
     from d3rlpy.metrics import evaluate_qlearning_with_environment, evaluate_transformer_with_environment
 
@@ -188,7 +191,9 @@ def evaluate(algo: Any, env_id: Any, episodes: int, seed: int, transformer_targe
     env.action_space.seed(seed)
     rets = []
     for _ in range(episodes):  # one episode per call so every return is recorded
-        if isinstance(algo, IPD):
+        if policy is not None:
+            rets.append(evaluate_transformer_with_environment(policy, env, n_trials=1))
+        elif isinstance(algo, IPD):
             rets.append(evaluate_transformer_with_environment(algo.as_stateful_wrapper(), env, n_trials=1))
         elif transformer_target is not None:
             rets.append(evaluate_transformer_with_environment(algo.as_stateful_wrapper(transformer_target), env,

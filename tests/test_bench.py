@@ -653,3 +653,36 @@ def test_select_deployment_scores_candidates_of_one_training_run(hopper_episodes
     assert s["wm_return"]["gains"] == [30.0] and s["wm_value"]["gains"] == [0.0] and s["oracle"]["mean"] == 30.0
     assert "| hopper/x | 0 | 20.0 | 50.0 (step-3) | 20.0 (final) |" in mod.report([fake])
     assert mod.run("ipdtest/hopper-random-v0", 0, out, prof, str(root)) == row  # finished: read back
+
+
+def test_median_of_identical_policies_is_the_policy(fitted):
+    """benchmarks/deploy_together.py: the median of several copies of one policy's weights acts exactly as that policy
+    (the executed action, written back into each context, is its own), on a real Hopper-v5 episode."""
+    import gymnasium as gym
+
+    mod = _benchmark_script("deploy_together")
+    algo = fitted.algo
+    weights = [p.detach().clone() for p in algo.impl.transformer.parameters()]
+    together, alone = mod.MedianOfPolicies(algo, [weights] * 3), algo.as_stateful_wrapper()
+    env = gym.make("Hopper-v5", max_episode_steps=60)
+    o, _ = env.reset(seed=3)
+    together.reset()
+    alone.reset()
+    r, n = 0.0, 0
+    while True:
+        a = together.predict(o, r)
+        np.testing.assert_array_equal(a, alone.predict(o, r))
+        o, r, te, tr, _ = env.step(a)
+        r, n = float(r), n + 1
+        if te or tr:
+            break
+    assert n > algo.config.context_size  # the windows filled and rolled
+    # the median follows the majority: one set outvoted by two copies of another acts as that other set alone
+    other = [w + 0.05 * torch.randn_like(w) for w in weights]
+    mixed, other_alone = mod.MedianOfPolicies(algo, [weights, other, other]), mod.MedianOfPolicies(algo, [other])
+    for policy in (mixed, other_alone, together):
+        policy.reset()
+    o, _ = env.reset(seed=3)
+    a = mixed.predict(o, 0.0)
+    np.testing.assert_array_equal(a, other_alone.predict(o, 0.0))
+    assert not np.array_equal(a, together.predict(o, 0.0))
