@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import glob
 import json
 import os
 import sys
@@ -31,23 +30,20 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pooled_seeds import standard_error  # noqa: E402
-from select_deployment import CONTROL, train_candidates  # noqa: E402
+from select_deployment import CONTROL, train_candidates, write_report  # noqa: E402
 
 
 class MedianOfPolicies:
     """d3rlpy's stateful protocol (``predict(x, reward)``, ``reset()``) over several weight sets of one IPD model."""
 
     def __init__(self, algo, weight_sets: list) -> None:
-        import torch
-
         from ipd_agent.policy import TransformerContext
+        from ipd_agent.transformer import set_parameters
 
         self.contexts = []
         for weights in weight_sets:
             net = copy.deepcopy(algo.impl.transformer).eval()
-            with torch.no_grad():
-                for p, w in zip(net.parameters(), weights):
-                    p.copy_(w)
+            set_parameters(net, weights)
             ctx = TransformerContext(algo, 1)  # the model's return token, deployment settings and device
             ctx.net = net  # ... with this candidate's transformer
             self.contexts.append(ctx)
@@ -74,8 +70,6 @@ def row_file(out_dir: str, dataset_id: str, seed: int) -> str:
 def run(dataset_id: str, seed: int, out_dir: str, cache_dir: str, profile="cpu", dataset_root: str | None = None) -> dict:
     """Fits once, evaluates ``final`` and the median of all candidates; one JSON per (dataset, seed), read back if
     it exists."""
-    import torch
-
     from ipd_agent.bench import evaluate, versions, write_row
     from ipd_agent.data import normalized_score
 
@@ -86,11 +80,7 @@ def run(dataset_id: str, seed: int, out_dir: str, cache_dir: str, profile="cpu",
     fit = train_candidates(dataset_id, seed, cache_dir, profile, dataset_root)
     algo, kept, meta, ref, profile = fit["algo"], fit["kept"], fit["meta"], fit["ref"], fit["profile"]
     env = meta.get("env_spec") or meta["env_id"]
-    net = algo.impl.transformer
-    with torch.no_grad():  # fit left the final weights in the network; set them again, explicitly
-        for p, w in zip(net.parameters(), kept[CONTROL]):
-            p.copy_(w)
-    results = {}
+    results = {}  # the network holds the final weights, as fit left them: the control runs the model itself
     for name, policy in ((CONTROL, None), ("median", MedianOfPolicies(algo, list(kept.values())))):
         t0 = time.perf_counter()
         rets = evaluate(algo, env, profile.eval_episodes, seed, policy=policy)
@@ -139,14 +129,7 @@ def main() -> None:
         for seed in a.seeds:
             run(ds, seed, a.out, a.cache, a.profile, a.minari_path)
     if a.report:
-        rows = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(a.out, "runs", "*", "together_seed*.json")))]
-        if not rows:
-            raise SystemExit(f"no runs under {a.out}/runs")
-        text = report(rows)
-        with open(os.path.join(a.out, "report.md"), "w") as f:
-            f.write("Written by `python benchmarks/deploy_together.py --report --out " + os.path.relpath(a.out)
-                    + "`.\n\n" + text)
-        print(text)
+        write_report(a.out, "together_seed*.json", report, "deploy_together.py")
 
 
 if __name__ == "__main__":

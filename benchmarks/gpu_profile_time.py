@@ -111,14 +111,15 @@ def main() -> None:
 
     import torch
 
-    from ipd_agent.bench import load_profile, versions
+    from ipd_agent.bench import check_device, load_profile, versions
 
     prof = load_profile(a.profile)
     if a.device:
         prof = dataclasses.replace(prof, device=a.device)
-    if prof.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"profile {prof.name!r} runs on {prof.device}, but torch sees no GPU here; "
-                         "pass --device cpu:0 for a CPU reading")
+    try:
+        check_device(prof.device)
+    except ValueError as exc:  # a message, not a traceback
+        raise SystemExit(str(exc)) from None
     t0 = time.perf_counter()
     res = measure(prof, a.dataset, a.q_steps, a.wm_steps, a.branches, a.transformer_steps, a.baseline_steps,
                   a.episodes)

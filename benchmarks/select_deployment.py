@@ -97,10 +97,9 @@ def run(dataset_id: str, seed: int, out_dir: str, profile="cpu", dataset_root: s
         n_starts: int = 100, horizon: int = 1000, value_horizon: int = 100, n_windows: int = 4096) -> dict:
     """Fits IPD once on ``dataset_id``, scores and evaluates every candidate, writes one JSON per (dataset, seed);
     reads it back instead when it exists."""
-    import torch
-
     from ipd_agent.bench import evaluate, versions, write_row
     from ipd_agent.data import normalized_score
+    from ipd_agent.transformer import set_parameters
 
     path = row_file(out_dir, dataset_id, seed)
     if os.path.exists(path):
@@ -119,9 +118,7 @@ def run(dataset_id: str, seed: int, out_dir: str, profile="cpu", dataset_root: s
     eval_env = meta.get("env_spec") or meta["env_id"]
     candidates = {}
     for name, weights in kept.items():
-        with torch.no_grad():
-            for p, w in zip(net.parameters(), weights):
-                p.copy_(w)
+        set_parameters(net, weights)
         ts = time.perf_counter()
         offline = offline_scores(algo, starts, windows, horizon, value_horizon, seed)
         te = time.perf_counter()
@@ -266,16 +263,21 @@ def main() -> None:
         for seed in a.seeds:
             run(ds, seed, a.out, a.profile, a.minari_path)
     if a.report:
-        import glob
+        write_report(a.out, "select_seed*.json", report, "select_deployment.py")
 
-        rows = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(a.out, "runs", "*", "select_seed*.json")))]
-        if not rows:
-            raise SystemExit(f"no runs under {a.out}/runs")
-        text = report(rows)
-        with open(os.path.join(a.out, "report.md"), "w") as f:
-            f.write("Written by `python benchmarks/select_deployment.py --report --out " + os.path.relpath(a.out)
-                    + "`.\n\n" + text)
-        print(text)
+
+def write_report(out_dir: str, row_pattern: str, make_report, script: str) -> None:
+    """``--report`` of a diagnostic: every row ``<out>/runs/*/<row_pattern>`` through ``make_report`` into
+    ``<out>/report.md``, headed by the command that wrote it, and printed."""
+    import glob
+
+    rows = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(out_dir, "runs", "*", row_pattern)))]
+    if not rows:
+        raise SystemExit(f"no runs under {out_dir}/runs")
+    text = make_report(rows)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(f"Written by `python benchmarks/{script} --report --out {os.path.relpath(out_dir)}`.\n\n" + text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -40,12 +40,10 @@ def run(dataset_id: str, seed: int, out_dir: str, profile="cpu", decays=DEFAULT_
     """Fits IPD once on ``dataset_id`` and writes one row per deployment; skips it when every row exists.
 
     ``profile`` is a ``Profile`` or a name / path for ``load_profile``; it must deploy a capped 0.999 average."""
-    import torch
-
     from ipd_agent.bench import (LearningCurve, evaluate, load_profile, prefit_ipd, row_path, stage_config,
                                  start_ipd_run, versions, write_row)
     from ipd_agent.data import normalized_score
-    from ipd_agent.transformer import WeightAverage
+    from ipd_agent.transformer import WeightAverage, set_parameters
 
     profile = load_profile(profile) if isinstance(profile, str) else profile
     names = labels(decays)
@@ -89,9 +87,7 @@ def run(dataset_id: str, seed: int, out_dir: str, profile="cpu", decays=DEFAULT_
                "ipd-avg-last-iterate": algo.last_iterate_weights()}
     rows = []
     for name, path in zip(names, paths):
-        with torch.no_grad():
-            for p, w in zip(net.parameters(), weights[name]):
-                p.copy_(w)
+        set_parameters(net, weights[name])
         te = time.perf_counter()
         rets = evaluate(algo, eval_env, profile.eval_episodes, seed)
         scores = [normalized_score(r, ref) for r in rets]

@@ -124,6 +124,16 @@ def make_ipd_config(profile: Profile, seed: int, overrides: Optional[dict] = Non
     return IPDConfig.from_settings(cfg)
 
 
+def check_device(device: Optional[str]) -> None:
+    """A CUDA device on a machine without one fails here, with the fix, not deep inside the first run."""
+    if device and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU. Use --device "
+                             "cpu:0 (or a cpu profile), or install a CUDA build of torch on a GPU machine.")
+
+
 def start_ipd_run(profile: Profile, dataset_id: str, seed: int, dataset_root: Optional[str] = None):
     """How a one-off IPD run outside the sweep starts, in ``run_one``'s order (benchmarks/ diagnostics): one torch thread
     per process, the dataset (from ``dataset_root`` if given), its reference scores, d3rlpy seeded, then the run's config.

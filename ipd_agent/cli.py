@@ -100,16 +100,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
 
 
-def _check_device(device) -> None:
-    """A CUDA device on a machine without one fails here, with the fix, not deep inside the first run."""
-    if device and device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU. Use --device "
-                             "cpu:0 (or a cpu profile), or install a CUDA build of torch on a GPU machine.")
-
-
 def _check_writable(path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
@@ -122,7 +112,7 @@ def _fit(args) -> int:
     import d3rlpy
 
     from .algo import IPDConfig
-    from .bench import load_profile, make_ipd_config
+    from .bench import check_device, load_profile, make_ipd_config
     from .data import load_minari
 
     _minari_path(args.minari_path)
@@ -137,7 +127,7 @@ def _fit(args) -> int:
         device = device or profile.device
     else:
         cfg = IPDConfig.from_settings({"seed": args.seed, **overrides})
-    _check_device(device)
+    check_device(device)
     traj, meta = load_minari(args.dataset)
     algo = cfg.create(device=device or "cpu:0")
     out = algo.fit(traj, n_steps=args.n_steps, logger_adapter=d3rlpy.logging.FileAdapterFactory(root_dir=args.logdir))
@@ -202,12 +192,12 @@ def _make_dataset(args) -> int:
 
 
 def _bench(args) -> int:
-    from .bench import load_profile, markdown_table, run_sweep
+    from .bench import check_device, load_profile, markdown_table, run_sweep
 
     prof = load_profile(args.profile)
     if args.device:
         prof = dataclasses.replace(prof, device=args.device)
-    _check_device(prof.device)
+    check_device(prof.device)
     # seed-major order: an interrupted sweep leaves whole seeds (every dataset and algorithm) finished
     jobs = [{"algo": a, "dataset": d, "seed": s} for s in args.seeds for d in args.datasets for a in args.algos]
     root = os.path.abspath(args.minari_path) if args.minari_path else os.environ.get("MINARI_DATASETS_PATH")

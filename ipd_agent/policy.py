@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .value import module_device
+
 __all__ = ["TransformerContext", "StatefulIPDWrapper", "IPDPolicy", "ExportablePolicy"]
 
 
@@ -42,7 +44,7 @@ class TransformerContext:
         self.ratchet = rtg_mode == "value" and bool(getattr(algo.config.transformer, "token_ratchet", False))
         self.k, self.obs_dim, self.act_dim = algo.config.context_size, impl.observation_shape[0], impl.action_size
         self.rtg_mode, self.target_return, self.n_envs = rtg_mode, target_return, n_envs
-        self.device = next(self.net.parameters()).device  # the windows live beside the network
+        self.device = module_device(self.net)  # the windows live beside the network
         self.reset()
 
     def reset(self, which: Optional[np.ndarray] = None) -> None:

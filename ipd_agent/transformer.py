@@ -30,7 +30,7 @@ from .value import map_rows
 
 __all__ = ["value_returns_to_go", "taught_rows", "WindowSampler", "advantage_weights", "CausalTransformer",
            "value_guided_loss", "ReturnTokenModel", "fit_return_token_model", "set_token_floor", "WeightAverage",
-           "EMA_WARMUPS"]
+           "EMA_WARMUPS", "set_parameters"]
 
 
 RTG_RELABELS = ("max", "mc", "one_step")  # the return-token relabels value_returns_to_go knows (config checks these)
@@ -311,6 +311,14 @@ def set_token_floor(model: ReturnTokenModel, obs: np.ndarray, quantile: Optional
 
 
 EMA_WARMUPS = ("capped", "bias_corrected")
+
+
+@torch.no_grad()
+def set_parameters(net: nn.Module, weights: list) -> None:
+    """Copies ``weights`` (tensors in ``net.parameters()`` order, e.g. a ``WeightAverage``'s or
+    ``IPD.last_iterate_weights()``) into ``net`` in place."""
+    for p, w in zip(net.parameters(), weights):
+        p.copy_(w)
 
 
 class WeightAverage:
