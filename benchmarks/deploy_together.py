@@ -34,13 +34,15 @@ from select_deployment import CONTROL, train_candidates, write_report  # noqa: E
 
 
 class MedianOfPolicies:
-    """d3rlpy's stateful protocol (``predict(x, reward)``, ``reset()``) over several weight sets of one IPD model."""
+    """d3rlpy's stateful protocol (``predict(x, reward)``, ``reset()``) over several IPD transformer contexts: the
+    executed action is the element-wise median of theirs. ``weight_sets``: weight sets of one model, each run with
+    ``algo``'s return token; ``contexts``: ready contexts instead (members with their own models, ``seed_ensemble.py``)."""
 
-    def __init__(self, algo, weight_sets: list) -> None:
+    def __init__(self, algo=None, weight_sets: list = (), contexts: list | None = None) -> None:
         from ipd_agent.policy import TransformerContext
         from ipd_agent.transformer import set_parameters
 
-        self.contexts = []
+        self.contexts = list(contexts or [])
         for weights in weight_sets:
             net = copy.deepcopy(algo.impl.transformer).eval()
             set_parameters(net, weights)

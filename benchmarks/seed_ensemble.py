@@ -1,0 +1,160 @@
+"""Deploy separately seeded policies together: the median action of several stage-6 trainings on one run's data.
+
+On hopper a run's score is decided by where its transformer happens to stop: the deployed policy's score swings by
+tens of points between nearby steps. Deploying a run's own candidates together (``deploy_together.py``) did not help:
+weights of one training run tend to fail together. This tests members that fail independently: the transformer
+(stage 6: its initial weights, batches, dropout and return-token model) trained ``--members`` times with different
+seeds on the same stages 1-5 (IQL value, world model, augmentation) of one run, deployed as one policy that executes
+the element-wise median of the members' actions (``deploy_together.MedianOfPolicies``).
+
+One IPD run under the profile (stages 1-2 cached as the harness caches them), then per (dataset, seed):
+  - ``member-0``: what ``fit`` returns, the table's run of that seed (the control);
+  - ``member-<m>``: the same model with stage 6 trained afresh under seed ``seed + 1000 m`` (``fit``'s own stage-6
+    routine, same steps and settings);
+  - ``median``: all members, each with its own context and return token; every context records the executed action.
+Each is evaluated like the table's rows (``profile.eval_episodes`` episodes, the table's env seeds). ``--report`` gives,
+per run, the median's gain over the members' mean (the expected score of deploying one of them) and over
+``member-0``, and how much of the hopper's seed-to-seed spread stage 6 alone accounts for.
+
+    python benchmarks/seed_ensemble.py --datasets d4rlstyle/hopper/full-replay-v0 --seeds 0 1 \\
+        --minari-path ../shared/datasets --out benchmarks/results/seed_ensemble
+    python benchmarks/seed_ensemble.py --report --out benchmarks/results/seed_ensemble
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from deploy_together import MedianOfPolicies  # noqa: E402
+from pooled_seeds import standard_error  # noqa: E402
+from select_deployment import write_report  # noqa: E402
+
+SEED_STRIDE = 1000  # member m's stage 6 is seeded seed + 1000 m: far from every table seed's own
+
+
+def row_file(out_dir: str, dataset_id: str, seed: int) -> str:
+    return os.path.join(out_dir, "runs", dataset_id.replace("/", "__"), f"ensemble_seed{seed}.json")
+
+
+def train_member(algo, m: int, steps: int):
+    """A copy of the fitted ``algo`` whose stage 6 (transformer and return token) is trained afresh under seed
+    ``seed + SEED_STRIDE * m``, on the same augmented data, with ``fit``'s own stage-6 routine."""
+    import d3rlpy
+    from d3rlpy.logging import D3RLPyLogger
+
+    member = copy.deepcopy(algo)
+    member.config.seed = algo.config.seed + SEED_STRIDE * m  # stage 6 draws every seed from config.seed
+    member._reset_transformer()  # fresh initial weights under the member's seed, token model unfitted
+    logger = D3RLPyLogger(algo=member, adapter_factory=d3rlpy.logging.NoopAdapterFactory(),
+                          experiment_name=f"member{m}", n_steps_per_epoch=steps, with_timestamp=False)
+    t0 = time.perf_counter()
+    member._fit_transformer(member.augmentation, steps, steps, logger, False, None, 0, 10**9, None)
+    logger.close()
+    return member, time.perf_counter() - t0
+
+
+def run(dataset_id: str, seed: int, out_dir: str, n_members: int = 3, profile="cpu",
+        dataset_root: str | None = None) -> dict:
+    """Fits ``n_members`` separately seeded transformers on one run's stages 1-5, evaluates each alone and their
+    median; one JSON per (dataset, seed), read back if it exists."""
+    import d3rlpy
+
+    from ipd_agent.bench import evaluate, load_profile, prefit_ipd, stage_config, start_ipd_run, versions, write_row
+    from ipd_agent.data import normalized_score
+    from ipd_agent.policy import TransformerContext
+
+    path = row_file(out_dir, dataset_id, seed)
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    if n_members < 2:
+        raise SystemExit("--members must be at least 2: the median of one policy is the policy")
+    profile = load_profile(profile) if isinstance(profile, str) else profile
+    traj, meta, ref, cfg = start_ipd_run(profile, dataset_id, seed, dataset_root)
+    algo, pre_times = prefit_ipd(cfg, traj, dataset_id, out_dir, stage_config(profile, seed))
+    steps = profile.transformer_steps
+    t0 = time.perf_counter()
+    out = algo.fit(traj, n_steps=steps, n_steps_per_epoch=steps, show_progress=False,
+                   logger_adapter=d3rlpy.logging.NoopAdapterFactory())
+    members, train_times = [algo], [time.perf_counter() - t0]
+    for m in range(1, n_members):
+        member, seconds = train_member(algo, m, steps)
+        members.append(member)
+        train_times.append(seconds)
+    env = meta.get("env_spec") or meta["env_id"]
+    policies = [(f"member-{m}", None, a) for m, a in enumerate(members)]
+    policies.append(("median", MedianOfPolicies(contexts=[TransformerContext(a, 1) for a in members]), algo))
+    results = {}
+    for name, policy, model in policies:
+        t1 = time.perf_counter()
+        rets = evaluate(model, env, profile.eval_episodes, seed, policy=policy)
+        results[name] = {"normalized_score": float(np.mean([normalized_score(r, ref) for r in rets])),
+                         "returns": [float(r) for r in rets], "eval_time_s": time.perf_counter() - t1}
+        print(f"{dataset_id} seed {seed} {name}: {results[name]['normalized_score']:.1f}", flush=True)
+    row = {"dataset": dataset_id, "seed": seed, "n_members": n_members, "seed_stride": SEED_STRIDE,
+           "results": results, "member_train_time_s": train_times, "stage_times_s": {**pre_times, **out["stage_times"]},
+           "augmentation": out["augmentation"], "profile": profile.name, "versions": versions(),
+           "config": json.loads(cfg.serialize())}
+    write_row(path, row)
+    return row
+
+
+def member_scores(row: dict) -> np.ndarray:
+    return np.asarray([v["normalized_score"] for k, v in sorted(row["results"].items()) if k.startswith("member-")])
+
+
+def report(rows: list[dict]) -> str:
+    """Per run every member, their mean and the median's score; then the paired gains and the spread of scores
+    within a run (stage 6 alone) against the spread of ``member-0`` across runs (every stage)."""
+    rows = sorted(rows, key=lambda r: (r["dataset"], r["seed"]))
+    lines = ["| set | seed | members alone (member-0 first) | members' mean | median of members | gain over mean | "
+             "gain over member-0 |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s, med = member_scores(r), r["results"]["median"]["normalized_score"]
+        lines.append(f"| {r['dataset'].split('/', 1)[-1]} | {r['seed']} | {', '.join(f'{x:.1f}' for x in s)} | "
+                     f"{s.mean():.1f} | {med:.1f} | {med - s.mean():+.1f} | {med - s[0]:+.1f} |")
+    lines += ["", "Paired gains of the median (mean ± SE over runs; same stages 1-5), and the spread of single-member "
+              "scores: within a run (stage 6 reseeded; root mean of the per-run variances) and across runs "
+              "(`member-0` of each seed; every stage reseeded):", "",
+              "| | gain over members' mean | gain over member-0 | SD within a run | SD of member-0 across runs |",
+              "|---|---|---|---|---|"]
+    for ds in sorted({r["dataset"] for r in rows}) + ["all"]:
+        sub = rows if ds == "all" else [r for r in rows if r["dataset"] == ds]
+        med = np.asarray([r["results"]["median"]["normalized_score"] for r in sub])
+        s = [member_scores(r) for r in sub]
+        over_mean, over_first = med - np.asarray([x.mean() for x in s]), med - np.asarray([x[0] for x in s])
+        within = float(np.sqrt(np.mean([x.var(ddof=1) for x in s])))
+        across = float(np.std([x[0] for x in s], ddof=1)) if len(s) > 1 else float("nan")
+        lines.append(f"| {'all runs' if ds == 'all' else ds.split('/', 1)[-1]} (n = {len(sub)}) | "
+                     f"{over_mean.mean():+.1f} ± {standard_error(over_mean):.1f} | "
+                     f"{over_first.mean():+.1f} ± {standard_error(over_first):.1f} | {within:.1f} | {across:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--datasets", nargs="+", default=[])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--members", type=int, default=3, help="separately seeded stage-6 trainings per run")
+    p.add_argument("--profile", default="cpu")
+    p.add_argument("--minari-path", default=None, help="MINARI_DATASETS_PATH for the datasets")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                 "seed_ensemble"))
+    p.add_argument("--report", action="store_true", help="write <out>/report.md from every run in <out>/runs")
+    a = p.parse_args()
+    for ds in a.datasets:
+        for seed in a.seeds:
+            run(ds, seed, a.out, a.members, a.profile, a.minari_path)
+    if a.report:
+        write_report(a.out, "ensemble_seed*.json", report, "seed_ensemble.py")
+
+
+if __name__ == "__main__":
+    main()
