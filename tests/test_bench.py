@@ -686,3 +686,46 @@ def test_median_of_identical_policies_is_the_policy(fitted):
     a = mixed.predict(o, 0.0)
     np.testing.assert_array_equal(a, other_alone.predict(o, 0.0))
     assert not np.array_equal(a, together.predict(o, 0.0))
+
+
+def test_seed_ensemble_member_reseeds_stage_six_only(fitted):
+    """benchmarks/seed_ensemble.py: a member is the fitted model with only stage 6 trained afresh under its own seed
+    (stages 1-5 shared, the fitted model untouched, the member reproducible), and the median deployment of a majority of
+    identical members acts as that member alone on a real Hopper-v5 episode."""
+    import gymnasium as gym
+
+    from ipd_agent.policy import TransformerContext
+
+    mod = _benchmark_script("seed_ensemble")
+    algo = fitted.algo
+    before = [p.detach().clone() for p in algo.impl.transformer.parameters()]
+    member, _ = mod.train_member(algo, 1, 30)
+    again, _ = mod.train_member(algo, 1, 30)
+    assert member.config.seed == algo.config.seed + mod.SEED_STRIDE
+    assert all(torch.equal(p, b) for p, b in zip(algo.impl.transformer.parameters(), before))
+    for name in ("value", "world_model"):  # stages 1-2 and the augmented data are the run's own
+        mine, theirs = getattr(member.impl, name).state_dict(), getattr(algo.impl, name).state_dict()
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    np.testing.assert_array_equal(member.augmentation.trajectories.actions, algo.augmentation.trajectories.actions)
+    assert int(member.impl.stages.transformer_steps) == 30
+    assert not all(torch.equal(p, q) for p, q in zip(member.impl.transformer.parameters(), before))
+    assert all(torch.equal(p, q) for p, q in zip(member.impl.transformer.parameters(),
+                                                 again.impl.transformer.parameters()))
+    together = mod.MedianOfPolicies(contexts=[TransformerContext(a, 1) for a in (algo, member, again)])
+    alone = member.as_stateful_wrapper()
+    env = gym.make("Hopper-v5", max_episode_steps=20)
+    o, _ = env.reset(seed=5)
+    together.reset()
+    alone.reset()
+    r = 0.0
+    for _ in range(20):
+        a = together.predict(o, r)
+        np.testing.assert_array_equal(a, alone.predict(o, r))
+        o, r, te, tr, _ = env.step(a)
+        if te or tr:
+            break
+    # the report's arithmetic, from a hand-made row
+    row = {"dataset": "d/hopper/x", "seed": 0, "results": {
+        "member-0": {"normalized_score": 50.0}, "member-1": {"normalized_score": 30.0},
+        "member-2": {"normalized_score": 10.0}, "median": {"normalized_score": 40.0}}}
+    assert "| hopper/x | 0 | 50.0, 30.0, 10.0 | 30.0 | 40.0 | +10.0 | -10.0 |" in mod.report([row])
