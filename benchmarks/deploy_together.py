@@ -19,7 +19,6 @@ candidates are that script's candidates), then two evaluations on the table's en
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -30,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pooled_seeds import standard_error  # noqa: E402
+from run_args import run_parser, RESULTS  # noqa: E402
 from select_deployment import CONTROL, train_candidates, write_report  # noqa: E402
 
 
@@ -115,17 +115,10 @@ def report(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--datasets", nargs="+", default=[])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--profile", default="cpu")
-    p.add_argument("--minari-path", default=None, help="MINARI_DATASETS_PATH for the datasets")
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    p.add_argument("--out", default=os.path.join(here, "deploy_together"))
-    p.add_argument("--cache", default=os.path.join(here, "select_deployment"),
+    p = run_parser(__doc__, "deploy_together", report=True)
+    p.add_argument("--cache", default=os.path.join(RESULTS, "select_deployment"),
                    help="folder whose cache/ holds (or gets) the runs' stages 1-2: select_deployment's, so its "
                         "candidates are these")
-    p.add_argument("--report", action="store_true", help="write <out>/report.md from every run in <out>/runs")
     a = p.parse_args()
     for ds in a.datasets:
         for seed in a.seeds:

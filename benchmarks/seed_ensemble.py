@@ -22,7 +22,6 @@ per run, the median's gain over the members' mean (the expected score of deployi
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -34,6 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from deploy_together import MedianOfPolicies  # noqa: E402
 from pooled_seeds import standard_error  # noqa: E402
+from run_args import run_parser  # noqa: E402
 from select_deployment import write_report  # noqa: E402
 
 SEED_STRIDE = 1000  # member m's stage 6 is seeded seed + 1000 m: far from every table seed's own
@@ -139,15 +139,8 @@ def report(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--datasets", nargs="+", default=[])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p = run_parser(__doc__, "seed_ensemble", report=True)
     p.add_argument("--members", type=int, default=3, help="separately seeded stage-6 trainings per run")
-    p.add_argument("--profile", default="cpu")
-    p.add_argument("--minari-path", default=None, help="MINARI_DATASETS_PATH for the datasets")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                 "seed_ensemble"))
-    p.add_argument("--report", action="store_true", help="write <out>/report.md from every run in <out>/runs")
     a = p.parse_args()
     for ds in a.datasets:
         for seed in a.seeds:

@@ -28,7 +28,6 @@ A selector deploys the candidate its criterion ranks first. ``--report`` compare
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -39,6 +38,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model_select_floor import imagine  # noqa: E402
 from pooled_seeds import standard_error  # noqa: E402
+from run_args import run_parser  # noqa: E402
 
 CANDIDATE_FRACTIONS = (0.6, 0.7, 0.8, 0.9)  # of the transformer steps; the final weights are the control
 LONG_DECAY = 0.9995  # the ~2,000-step average that scored 80.9 against 59.6 on hopper full-replay (seven seeds)
@@ -250,14 +250,7 @@ def report(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--datasets", nargs="+", default=[])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--profile", default="cpu")
-    p.add_argument("--minari-path", default=None, help="MINARI_DATASETS_PATH for the datasets")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                 "select_deployment"))
-    p.add_argument("--report", action="store_true", help="write <out>/report.md from every run in <out>/runs")
+    p = run_parser(__doc__, "select_deployment", report=True)
     a = p.parse_args()
     for ds in a.datasets:
         for seed in a.seeds:

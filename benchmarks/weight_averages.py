@@ -19,13 +19,16 @@ Deployments (each a row ``ipd-avg-<name>``, in the harness's row format, evaluat
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run_args import run_parser  # noqa: E402
 
 DEFAULT_DECAYS = (0.999, 0.9995)  # ~1,000 steps (what the profile's 0.999 was meant to span) and ~2,000
 
@@ -114,15 +117,9 @@ def run(dataset_id: str, seed: int, out_dir: str, profile="cpu", decays=DEFAULT_
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--datasets", nargs="+", required=True)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p = run_parser(__doc__, "weight_averages", datasets_required=True)
     p.add_argument("--decays", type=float, nargs="+", default=list(DEFAULT_DECAYS),
                    help="decays of the bias-corrected averages kept beside the profile's own")
-    p.add_argument("--profile", default="cpu")
-    p.add_argument("--minari-path", default=None, help="MINARI_DATASETS_PATH for the datasets")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                 "weight_averages"))
     a = p.parse_args()
     for ds in a.datasets:
         for seed in a.seeds:
