@@ -16,9 +16,16 @@ Each is evaluated like the table's rows (``profile.eval_episodes`` episodes, the
 per run, the median's gain over the members' mean (the expected score of deploying one of them) and over
 ``member-0``, and how much of the hopper's seed-to-seed spread stage 6 alone accounts for.
 
+``--algo dt`` does the same for the table's DecisionTransformer (the harness's config and target return): ``member-0``
+trained after ``d3rlpy.seed(seed)`` as the table's run, ``member-<m>`` after ``d3rlpy.seed(seed + 1000 m)``, and the
+median deployment records the executed action in every member's context. An ensemble costs each method the same
+multiple of its training, so a gain for IPD counts against DT only beside DT's own.
+
     python benchmarks/seed_ensemble.py --datasets d4rlstyle/hopper/full-replay-v0 --seeds 0 1 \\
         --minari-path ../shared/datasets --out benchmarks/results/seed_ensemble
     python benchmarks/seed_ensemble.py --report --out benchmarks/results/seed_ensemble
+    python benchmarks/seed_ensemble.py --algo dt --datasets d4rlstyle/hopper/full-replay-v0 --seeds 0 \\
+        --minari-path ../shared/datasets --out benchmarks/results/seed_ensemble_dt
 """
 from __future__ import annotations
 
@@ -58,6 +65,74 @@ def train_member(algo, m: int, steps: int):
     member._fit_transformer(member.augmentation, steps, steps, logger, False, None, 0, 10**9, None)
     logger.close()
     return member, time.perf_counter() - t0
+
+
+class MedianOfDT:
+    """The median deployment for d3rlpy DecisionTransformer members (their ``StatefulTransformerWrapper``s): every
+    wrapper predicts from its own context; each then records the executed action in place of its own."""
+
+    def __init__(self, wrappers: list) -> None:
+        self.wrappers = wrappers
+
+    def predict(self, x: np.ndarray, reward: float = 0.0) -> np.ndarray:
+        acts = np.stack([w.predict(x, reward) for w in self.wrappers])
+        action = np.median(acts, axis=0).astype(np.float32)
+        for w in self.wrappers:  # the wrapper appended a pad after its own action: overwrite the action before it
+            w._actions[-2] = action
+        return action
+
+    def reset(self) -> None:
+        for w in self.wrappers:
+            w.reset()
+
+
+def run_dt(dataset_id: str, seed: int, out_dir: str, n_members: int = 3, profile="cpu",
+           dataset_root: str | None = None) -> dict:
+    """``run`` for the table's DecisionTransformer: ``n_members`` trainings under seeds ``seed + 1000 m``."""
+    import d3rlpy
+    import torch
+
+    from ipd_agent.bench import _baseline, evaluate, load_profile, versions, write_row
+    from ipd_agent.data import load_minari, normalized_score, reference_scores
+
+    path = row_file(out_dir, dataset_id, seed)
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    if n_members < 2:
+        raise SystemExit("--members must be at least 2: the median of one policy is the policy")
+    profile = load_profile(profile) if isinstance(profile, str) else profile
+    torch.set_num_threads(profile.threads)
+    if dataset_root:
+        os.environ["MINARI_DATASETS_PATH"] = dataset_root
+    traj, meta = load_minari(dataset_id)
+    ref, env_id = reference_scores(meta), meta["env_id"]
+    target = next((v for k, v in profile.dt_target_return.items() if env_id.startswith(k)), 3600.0)
+    steps = profile.transformer_steps
+    members, train_times = [], []
+    for m in range(n_members):
+        d3rlpy.seed(seed + SEED_STRIDE * m)  # as run_one seeds the table's run, for m = 0
+        algo = _baseline("dt", profile, profile.device)
+        t0 = time.perf_counter()
+        algo.fit(traj.to_d3rlpy(), n_steps=steps, n_steps_per_epoch=steps, show_progress=False, save_interval=10**9,
+                 logger_adapter=d3rlpy.logging.NoopAdapterFactory(), experiment_name=f"dt_member{m}")
+        members.append(algo)
+        train_times.append(time.perf_counter() - t0)
+    env = meta.get("env_spec") or env_id
+    policies = [(f"member-{m}", None, a) for m, a in enumerate(members)]
+    policies.append(("median", MedianOfDT([a.as_stateful_wrapper(target) for a in members]), members[0]))
+    results = {}
+    for name, policy, model in policies:
+        t1 = time.perf_counter()
+        rets = evaluate(model, env, profile.eval_episodes, seed, target, policy=policy)
+        results[name] = {"normalized_score": float(np.mean([normalized_score(r, ref) for r in rets])),
+                         "returns": [float(r) for r in rets], "eval_time_s": time.perf_counter() - t1}
+        print(f"{dataset_id} seed {seed} dt {name}: {results[name]['normalized_score']:.1f}", flush=True)
+    row = {"algo": "dt", "dataset": dataset_id, "seed": seed, "n_members": n_members, "seed_stride": SEED_STRIDE,
+           "results": results, "member_train_time_s": train_times, "target_return": target,
+           "profile": profile.name, "versions": versions(), "config": json.loads(members[0].config.serialize())}
+    write_row(path, row)
+    return row
 
 
 def run(dataset_id: str, seed: int, out_dir: str, n_members: int = 3, profile="cpu",
@@ -120,9 +195,9 @@ def report(rows: list[dict]) -> str:
         s, med = member_scores(r), r["results"]["median"]["normalized_score"]
         lines.append(f"| {r['dataset'].split('/', 1)[-1]} | {r['seed']} | {', '.join(f'{x:.1f}' for x in s)} | "
                      f"{s.mean():.1f} | {med:.1f} | {med - s.mean():+.1f} | {med - s[0]:+.1f} |")
-    lines += ["", "Paired gains of the median (mean ± SE over runs; same stages 1-5), and the spread of single-member "
-              "scores: within a run (stage 6 reseeded; root mean of the per-run variances) and across runs "
-              "(`member-0` of each seed; every stage reseeded):", "",
+    lines += ["", "Paired gains of the median (mean ± SE over runs; IPD members share stages 1-5), and the spread of "
+              "single-member scores: within a run (stage 6 reseeded; root mean of the per-run variances) and across "
+              "runs (`member-0` of each seed; every stage reseeded):", "",
               "| | gain over members' mean | gain over member-0 | SD within a run | SD of member-0 across runs |",
               "|---|---|---|---|---|"]
     for ds in sorted({r["dataset"] for r in rows}) + ["all"]:
@@ -141,10 +216,12 @@ def report(rows: list[dict]) -> str:
 def main() -> None:
     p = run_parser(__doc__, "seed_ensemble", report=True)
     p.add_argument("--members", type=int, default=3, help="separately seeded stage-6 trainings per run")
+    p.add_argument("--algo", choices=["ipd", "dt"], default="ipd",
+                   help="whose members: IPD's stage 6, or the table's DecisionTransformer (give it its own --out)")
     a = p.parse_args()
     for ds in a.datasets:
         for seed in a.seeds:
-            run(ds, seed, a.out, a.members, a.profile, a.minari_path)
+            (run_dt if a.algo == "dt" else run)(ds, seed, a.out, a.members, a.profile, a.minari_path)
     if a.report:
         write_report(a.out, "ensemble_seed*.json", report, "seed_ensemble.py")
 
