@@ -729,3 +729,47 @@ def test_seed_ensemble_member_reseeds_stage_six_only(fitted):
         "member-0": {"normalized_score": 50.0}, "member-1": {"normalized_score": 30.0},
         "member-2": {"normalized_score": 10.0}, "median": {"normalized_score": 40.0}}}
     assert "| hopper/x | 0 | 50.0, 30.0, 10.0 | 30.0 | 40.0 | +10.0 | -10.0 |" in mod.report([row])
+
+
+def test_median_of_dt_members_records_the_executed_action(hopper_traj):
+    """benchmarks/seed_ensemble.py --algo dt: the median of three copies of one trained DecisionTransformer acts as
+    that DT alone on a real Hopper-v5 episode, and every member's context holds the executed action, its own when
+    outvoted."""
+    import d3rlpy
+    import gymnasium as gym
+
+    from ipd_agent.bench import _baseline, load_profile
+
+    mod = _benchmark_script("seed_ensemble")
+    d3rlpy.seed(0)
+    dt = _baseline("dt", load_profile("tiny"), "cpu:0")
+    dt.fit(hopper_traj.to_d3rlpy(), n_steps=20, n_steps_per_epoch=20, show_progress=False,
+           logger_adapter=d3rlpy.logging.NoopAdapterFactory())
+    together = mod.MedianOfDT([dt.as_stateful_wrapper(3600.0) for _ in range(3)])
+    alone = dt.as_stateful_wrapper(3600.0)
+    env = gym.make("Hopper-v5", max_episode_steps=15)
+    o, _ = env.reset(seed=2)
+    together.reset()
+    alone.reset()
+    r = 0.0
+    for _ in range(15):
+        a = together.predict(o, r)
+        np.testing.assert_array_equal(a, alone.predict(o, r))
+        for w in together.wrappers:
+            np.testing.assert_array_equal(w._actions[-2], a)
+        o, r, te, tr, _ = env.step(a)
+        r = float(r)
+        if te or tr:
+            break
+    # outvoted: the first member's context holds the majority's action, not the one it proposed
+    d3rlpy.seed(1)
+    other = _baseline("dt", load_profile("tiny"), "cpu:0")
+    other.fit(hopper_traj.to_d3rlpy(), n_steps=20, n_steps_per_epoch=20, show_progress=False,
+              logger_adapter=d3rlpy.logging.NoopAdapterFactory())
+    mixed = mod.MedianOfDT([dt.as_stateful_wrapper(3600.0)] + [other.as_stateful_wrapper(3600.0) for _ in range(2)])
+    own = dt.as_stateful_wrapper(3600.0)
+    o, _ = env.reset(seed=2)
+    a = mixed.predict(o, 0.0)
+    proposed = own.predict(o, 0.0)
+    assert not np.array_equal(a, proposed)
+    np.testing.assert_array_equal(mixed.wrappers[0]._actions[-2], a)
