@@ -195,9 +195,11 @@ def report(rows: list[dict]) -> str:
         s, med = member_scores(r), r["results"]["median"]["normalized_score"]
         lines.append(f"| {r['dataset'].split('/', 1)[-1]} | {r['seed']} | {', '.join(f'{x:.1f}' for x in s)} | "
                      f"{s.mean():.1f} | {med:.1f} | {med - s.mean():+.1f} | {med - s[0]:+.1f} |")
-    lines += ["", "Paired gains of the median (mean ± SE over runs; IPD members share stages 1-5), and the spread of "
-              "single-member scores: within a run (stage 6 reseeded; root mean of the per-run variances) and across "
-              "runs (`member-0` of each seed; every stage reseeded):", "",
+    ipd = rows[0].get("algo", "ipd") == "ipd"
+    lines += ["", f"Paired gains of the median (mean ± SE over runs{'; members share stages 1-5' if ipd else ''}), and "
+              "the spread of single-member scores: within a run (" + ("stage 6 reseeded" if ipd else "DT reseeded")
+              + "; root mean of the per-run variances) and across runs (`member-0` of each seed" + ("; every stage "
+              "reseeded" if ipd else "") + "):", "",
               "| | gain over members' mean | gain over member-0 | SD within a run | SD of member-0 across runs |",
               "|---|---|---|---|---|"]
     for ds in sorted({r["dataset"] for r in rows}) + ["all"]:
