@@ -50,6 +50,31 @@ def row_file(out_dir: str, dataset_id: str, seed: int) -> str:
     return os.path.join(out_dir, "runs", dataset_id.replace("/", "__"), f"ensemble_seed{seed}.json")
 
 
+def finished_row(path: str, n_members: int) -> dict | None:
+    """The row of a finished run (read back, not rerun), else None; refuses too few members before any training."""
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    if n_members < 2:
+        raise SystemExit("--members must be at least 2: the median of one policy is the policy")
+    return None
+
+
+def evaluate_all(policies: list, env, episodes: int, seed: int, ref, label: str, target=None) -> dict:
+    """Every ``(name, policy, model)`` evaluated like the table's rows (same env seeds): score, returns, time."""
+    from ipd_agent.bench import evaluate
+    from ipd_agent.data import normalized_score
+
+    results = {}
+    for name, policy, model in policies:
+        t0 = time.perf_counter()
+        rets = evaluate(model, env, episodes, seed, target, policy=policy)
+        results[name] = {"normalized_score": float(np.mean([normalized_score(r, ref) for r in rets])),
+                         "returns": [float(r) for r in rets], "eval_time_s": time.perf_counter() - t0}
+        print(f"{label} {name}: {results[name]['normalized_score']:.1f}", flush=True)
+    return results
+
+
 def train_member(algo, m: int, steps: int):
     """A copy of the fitted ``algo`` whose stage 6 (transformer and return token) is trained afresh under seed
     ``seed + SEED_STRIDE * m``, on the same augmented data, with ``fit``'s own stage-6 routine."""
@@ -92,15 +117,13 @@ def run_dt(dataset_id: str, seed: int, out_dir: str, n_members: int = 3, profile
     import d3rlpy
     import torch
 
-    from ipd_agent.bench import _baseline, evaluate, load_profile, versions, write_row
-    from ipd_agent.data import load_minari, normalized_score, reference_scores
+    from ipd_agent.bench import _baseline, load_profile, versions, write_row
+    from ipd_agent.data import load_minari, reference_scores
 
     path = row_file(out_dir, dataset_id, seed)
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    if n_members < 2:
-        raise SystemExit("--members must be at least 2: the median of one policy is the policy")
+    done = finished_row(path, n_members)
+    if done is not None:
+        return done
     profile = load_profile(profile) if isinstance(profile, str) else profile
     torch.set_num_threads(profile.threads)
     if dataset_root:
@@ -121,13 +144,7 @@ def run_dt(dataset_id: str, seed: int, out_dir: str, n_members: int = 3, profile
     env = meta.get("env_spec") or env_id
     policies = [(f"member-{m}", None, a) for m, a in enumerate(members)]
     policies.append(("median", MedianOfDT([a.as_stateful_wrapper(target) for a in members]), members[0]))
-    results = {}
-    for name, policy, model in policies:
-        t1 = time.perf_counter()
-        rets = evaluate(model, env, profile.eval_episodes, seed, target, policy=policy)
-        results[name] = {"normalized_score": float(np.mean([normalized_score(r, ref) for r in rets])),
-                         "returns": [float(r) for r in rets], "eval_time_s": time.perf_counter() - t1}
-        print(f"{dataset_id} seed {seed} dt {name}: {results[name]['normalized_score']:.1f}", flush=True)
+    results = evaluate_all(policies, env, profile.eval_episodes, seed, ref, f"{dataset_id} seed {seed} dt", target)
     row = {"algo": "dt", "dataset": dataset_id, "seed": seed, "n_members": n_members, "seed_stride": SEED_STRIDE,
            "results": results, "member_train_time_s": train_times, "target_return": target,
            "profile": profile.name, "versions": versions(), "config": json.loads(members[0].config.serialize())}
@@ -141,16 +158,13 @@ def run(dataset_id: str, seed: int, out_dir: str, n_members: int = 3, profile="c
     median; one JSON per (dataset, seed), read back if it exists."""
     import d3rlpy
 
-    from ipd_agent.bench import evaluate, load_profile, prefit_ipd, stage_config, start_ipd_run, versions, write_row
-    from ipd_agent.data import normalized_score
+    from ipd_agent.bench import load_profile, prefit_ipd, stage_config, start_ipd_run, versions, write_row
     from ipd_agent.policy import TransformerContext
 
     path = row_file(out_dir, dataset_id, seed)
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    if n_members < 2:
-        raise SystemExit("--members must be at least 2: the median of one policy is the policy")
+    done = finished_row(path, n_members)
+    if done is not None:
+        return done
     profile = load_profile(profile) if isinstance(profile, str) else profile
     traj, meta, ref, cfg = start_ipd_run(profile, dataset_id, seed, dataset_root)
     algo, pre_times = prefit_ipd(cfg, traj, dataset_id, out_dir, stage_config(profile, seed))
@@ -166,13 +180,7 @@ def run(dataset_id: str, seed: int, out_dir: str, n_members: int = 3, profile="c
     env = meta.get("env_spec") or meta["env_id"]
     policies = [(f"member-{m}", None, a) for m, a in enumerate(members)]
     policies.append(("median", MedianOfPolicies(contexts=[TransformerContext(a, 1) for a in members]), algo))
-    results = {}
-    for name, policy, model in policies:
-        t1 = time.perf_counter()
-        rets = evaluate(model, env, profile.eval_episodes, seed, policy=policy)
-        results[name] = {"normalized_score": float(np.mean([normalized_score(r, ref) for r in rets])),
-                         "returns": [float(r) for r in rets], "eval_time_s": time.perf_counter() - t1}
-        print(f"{dataset_id} seed {seed} {name}: {results[name]['normalized_score']:.1f}", flush=True)
+    results = evaluate_all(policies, env, profile.eval_episodes, seed, ref, f"{dataset_id} seed {seed}")
     row = {"dataset": dataset_id, "seed": seed, "n_members": n_members, "seed_stride": SEED_STRIDE,
            "results": results, "member_train_time_s": train_times, "stage_times_s": {**pre_times, **out["stage_times"]},
            "augmentation": out["augmentation"], "profile": profile.name, "versions": versions(),
@@ -196,7 +204,8 @@ def report(rows: list[dict]) -> str:
         lines.append(f"| {r['dataset'].split('/', 1)[-1]} | {r['seed']} | {', '.join(f'{x:.1f}' for x in s)} | "
                      f"{s.mean():.1f} | {med:.1f} | {med - s.mean():+.1f} | {med - s[0]:+.1f} |")
     ipd = rows[0].get("algo", "ipd") == "ipd"
-    lines += ["", f"Paired gains of the median (mean ± SE over runs{'; members share stages 1-5' if ipd else ''}), and "
+    shared = "; members share stages 1-5" if ipd else ""
+    lines += ["", f"Paired gains of the median (mean ± SE over runs{shared}), and "
               "the spread of single-member scores: within a run (" + ("stage 6 reseeded" if ipd else "DT reseeded")
               + "; root mean of the per-run variances) and across runs (`member-0` of each seed" + ("; every stage "
               "reseeded" if ipd else "") + "):", "",
