@@ -29,8 +29,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pooled_seeds import standard_error  # noqa: E402
-from run_args import run_parser, RESULTS  # noqa: E402
-from select_deployment import CONTROL, train_candidates, write_report  # noqa: E402
+from run_args import RESULTS, run_parser, write_report  # noqa: E402
+from select_deployment import CONTROL, train_candidates  # noqa: E402
 
 
 class MedianOfPolicies:

@@ -1,7 +1,10 @@
-"""The command-line options the per-run diagnostics of benchmarks/ share, declared once with one help text each."""
+"""The command-line options the per-run diagnostics of benchmarks/ share, declared once with one help text each, and
+what their ``--report`` does."""
 from __future__ import annotations
 
 import argparse
+import glob
+import json
 import os
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -20,3 +23,16 @@ def run_parser(doc: str, out_name: str, datasets_required: bool = False, report:
     if report:
         p.add_argument("--report", action="store_true", help="write <out>/report.md from every run in <out>/runs")
     return p
+
+
+def write_report(out_dir: str, row_pattern: str, make_report, script: str) -> None:
+    """``--report`` of a diagnostic: every row ``<out>/runs/*/<row_pattern>`` through ``make_report`` into
+    ``<out>/report.md``, headed by the command that wrote it, and printed."""
+    rows = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(out_dir, "runs", "*", row_pattern)))]
+    if not rows:
+        raise SystemExit(f"no runs under {out_dir}/runs")
+    text = make_report(rows)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(f"Written by `python benchmarks/{script} --report --out {os.path.relpath(out_dir)}`.\n\n" + text)
+    print(text)
+

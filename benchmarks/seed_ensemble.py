@@ -40,8 +40,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from deploy_together import MedianOfPolicies  # noqa: E402
 from pooled_seeds import standard_error  # noqa: E402
-from run_args import run_parser  # noqa: E402
-from select_deployment import write_report  # noqa: E402
+from run_args import run_parser, write_report  # noqa: E402
 
 SEED_STRIDE = 1000  # member m's stage 6 is seeded seed + 1000 m: far from every table seed's own
 

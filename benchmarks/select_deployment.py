@@ -38,7 +38,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model_select_floor import imagine  # noqa: E402
 from pooled_seeds import standard_error  # noqa: E402
-from run_args import run_parser  # noqa: E402
+from run_args import run_parser, write_report  # noqa: E402
 
 CANDIDATE_FRACTIONS = (0.6, 0.7, 0.8, 0.9)  # of the transformer steps; the final weights are the control
 LONG_DECAY = 0.9995  # the ~2,000-step average that scored 80.9 against 59.6 on hopper full-replay (seven seeds)
@@ -257,20 +257,6 @@ def main() -> None:
             run(ds, seed, a.out, a.profile, a.minari_path)
     if a.report:
         write_report(a.out, "select_seed*.json", report, "select_deployment.py")
-
-
-def write_report(out_dir: str, row_pattern: str, make_report, script: str) -> None:
-    """``--report`` of a diagnostic: every row ``<out>/runs/*/<row_pattern>`` through ``make_report`` into
-    ``<out>/report.md``, headed by the command that wrote it, and printed."""
-    import glob
-
-    rows = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(out_dir, "runs", "*", row_pattern)))]
-    if not rows:
-        raise SystemExit(f"no runs under {out_dir}/runs")
-    text = make_report(rows)
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(f"Written by `python benchmarks/{script} --report --out {os.path.relpath(out_dir)}`.\n\n" + text)
-    print(text)
 
 
 if __name__ == "__main__":

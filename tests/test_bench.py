@@ -655,6 +655,24 @@ def test_select_deployment_scores_candidates_of_one_training_run(hopper_episodes
     assert mod.run("ipdtest/hopper-random-v0", 0, out, prof, str(root)) == row  # finished: read back
 
 
+def _acts_alike(together, alone, env, seed: int, check=None) -> int:
+    """Runs one episode of ``env`` on ``together``'s actions; at every step ``alone``, given the same observations and
+    rewards, must choose the same action, and ``check(action)`` (if given) runs. Returns the number of steps."""
+    o, _ = env.reset(seed=seed)
+    together.reset()
+    alone.reset()
+    r, n = 0.0, 0
+    while True:
+        a = together.predict(o, r)
+        np.testing.assert_array_equal(a, alone.predict(o, r))
+        if check is not None:
+            check(a)
+        o, r, te, tr, _ = env.step(a)
+        r, n = float(r), n + 1
+        if te or tr:
+            return n
+
+
 def test_median_of_identical_policies_is_the_policy(fitted):
     """benchmarks/deploy_together.py: the median of several copies of one policy's weights acts exactly as that policy
     (the executed action, written back into each context, is its own), on a real Hopper-v5 episode."""
@@ -665,17 +683,7 @@ def test_median_of_identical_policies_is_the_policy(fitted):
     weights = [p.detach().clone() for p in algo.impl.transformer.parameters()]
     together, alone = mod.MedianOfPolicies(algo, [weights] * 3), algo.as_stateful_wrapper()
     env = gym.make("Hopper-v5", max_episode_steps=60)
-    o, _ = env.reset(seed=3)
-    together.reset()
-    alone.reset()
-    r, n = 0.0, 0
-    while True:
-        a = together.predict(o, r)
-        np.testing.assert_array_equal(a, alone.predict(o, r))
-        o, r, te, tr, _ = env.step(a)
-        r, n = float(r), n + 1
-        if te or tr:
-            break
+    n = _acts_alike(together, alone, env, seed=3)
     assert n > algo.config.context_size  # the windows filled and rolled
     # the median follows the majority: one set outvoted by two copies of another acts as that other set alone
     other = [w + 0.05 * torch.randn_like(w) for w in weights]
@@ -713,17 +721,7 @@ def test_seed_ensemble_member_reseeds_stage_six_only(fitted):
                                                  again.impl.transformer.parameters()))
     together = mod.MedianOfPolicies(contexts=[TransformerContext(a, 1) for a in (algo, member, again)])
     alone = member.as_stateful_wrapper()
-    env = gym.make("Hopper-v5", max_episode_steps=20)
-    o, _ = env.reset(seed=5)
-    together.reset()
-    alone.reset()
-    r = 0.0
-    for _ in range(20):
-        a = together.predict(o, r)
-        np.testing.assert_array_equal(a, alone.predict(o, r))
-        o, r, te, tr, _ = env.step(a)
-        if te or tr:
-            break
+    _acts_alike(together, alone, gym.make("Hopper-v5", max_episode_steps=20), seed=5)
     # the report's arithmetic, from a hand-made row
     row = {"dataset": "d/hopper/x", "seed": 0, "results": {
         "member-0": {"normalized_score": 50.0}, "member-1": {"normalized_score": 30.0},
@@ -748,19 +746,12 @@ def test_median_of_dt_members_records_the_executed_action(hopper_traj):
     together = mod.MedianOfDT([dt.as_stateful_wrapper(3600.0) for _ in range(3)])
     alone = dt.as_stateful_wrapper(3600.0)
     env = gym.make("Hopper-v5", max_episode_steps=15)
-    o, _ = env.reset(seed=2)
-    together.reset()
-    alone.reset()
-    r = 0.0
-    for _ in range(15):
-        a = together.predict(o, r)
-        np.testing.assert_array_equal(a, alone.predict(o, r))
+
+    def recorded(a):  # every member's context holds the executed action
         for w in together.wrappers:
             np.testing.assert_array_equal(w._actions[-2], a)
-        o, r, te, tr, _ = env.step(a)
-        r = float(r)
-        if te or tr:
-            break
+
+    _acts_alike(together, alone, env, seed=2, check=recorded)
     # outvoted: the first member's context holds the majority's action, not the one it proposed
     d3rlpy.seed(1)
     other = _baseline("dt", load_profile("tiny"), "cpu:0")
