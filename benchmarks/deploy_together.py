@@ -47,7 +47,7 @@ class MedianOfPolicies:
             net = copy.deepcopy(algo.impl.transformer).eval()
             set_parameters(net, weights)
             ctx = TransformerContext(algo, 1)  # the model's return token, deployment settings and device
-            ctx.net = net  # ... with this candidate's transformer
+            ctx.nets = [net]  # ... with this candidate's transformer
             self.contexts.append(ctx)
 
     def predict(self, x: np.ndarray, reward: float = 0.0) -> np.ndarray:

@@ -96,6 +96,10 @@ DIAGNOSTICS = {
     # the budget). A no-op at 5,000 steps: the average's warm-up caps its decay at (1 + n) / (10 + n) = 0.9982 by the
     # last step, below both 0.999 and 0.9995, so its runs repeat the profile's episode for episode (2 of 2 seeds)
     "ema-0.9995": {"transformer": {"ema_decay": 0.9995}},
+    # three separately seeded transformers (stage 6 under seed + 1000 m) on the run's stages 1-5, deployed together:
+    # the median of their actions. Its learning curve is member 0's alone (the members train one after another).
+    # The same runs as benchmarks/seed_ensemble.py's `median` (tests/test_members.py)
+    "members3": {"transformer": {"n_members": 3}},
 }
 VARIANTS = {**ABLATIONS, **DIAGNOSTICS}
 SCALES = [0.25, 0.5, 2.0]  # 0 is the no-augment ablation and 1 the default run, both shared with the other parts

@@ -30,6 +30,7 @@ multiple of its training, so a gain for IPD counts against DT only beside DT's o
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import os
 import sys
@@ -40,7 +41,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from deploy_together import MedianOfPolicies  # noqa: E402
 from pooled_seeds import standard_error  # noqa: E402
-from run_args import run_parser, write_report  # noqa: E402
+from run_args import RESULTS, run_parser, write_report  # noqa: E402
 
 SEED_STRIDE = 1000  # member m's stage 6 is seeded seed + 1000 m: far from every table seed's own
 
@@ -223,17 +224,82 @@ def report(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+TABLE_SEEDS = (0, 1, 2)  # the table's seeds: the comparison below uses these runs only
+BASELINES = ("dt", "iql", "cql", "td3bc", "bc")
+
+
+def beside_the_table(rows: list[dict], table_rows: list[dict], dt_rows: list[dict] = ()) -> str:
+    """The median of members as a whole IPD variant beside the main table (``--table``, seeds 0-2): per set its mean
+    over seeds, this machine's single run (``member-0``), the table's ``ipd`` and baselines, and DT's own median where
+    run; then the bar: its six-set mean above every baseline's, and above the table's DT on every replay set."""
+    from head_to_head import DATASETS, short
+
+    def mean_over_seeds(values: dict) -> tuple[float, float, int]:
+        v = np.asarray(list(values.values()), dtype=float)
+        return float(v.mean()), float(v.std()), len(v)  # the table's own std (ipd_agent.bench.summarise)
+
+    def scores(rs, pick) -> dict:  # dataset -> {seed: score}, table seeds only
+        out: dict = {}
+        for r in rs:
+            if r["seed"] in TABLE_SEEDS:
+                out.setdefault(r["dataset"], {})[r["seed"]] = pick(r)
+        return out
+
+    median = scores(rows, lambda r: r["results"]["median"]["normalized_score"])
+    first = scores(rows, lambda r: r["results"]["member-0"]["normalized_score"])
+    dt_median = scores(dt_rows, lambda r: r["results"]["median"]["normalized_score"])
+    table = {a: scores([r for r in table_rows if r["algo"] == a], lambda r: r["normalized_score"])
+             for a in ("ipd",) + BASELINES}
+    fmt = lambda d, key: (lambda m: f"{m[0]:.1f} ± {m[1]:.1f}" + ("" if m[2] == 3 else f" (n={m[2]})"))(  # noqa: E731
+        mean_over_seeds(d[key])) if key in d else "–"
+    lines = ["| dataset | median of 3 | `member-0` (this machine) | table `ipd` | table `dt` | DT's median of 3 | "
+             "best other baseline |", "|---|---|---|---|---|---|---|"]
+    for ds in DATASETS:
+        others = {a: mean_over_seeds(table[a][ds])[0] for a in BASELINES[1:] if ds in table[a]}
+        best = max(others, key=others.get) if others else None
+        lines.append(f"| {short(ds)} | {fmt(median, ds)} | {fmt(first, ds)} | {fmt(table['ipd'], ds)} | "
+                     f"{fmt(table['dt'], ds)} | {fmt(dt_median, ds)} | "
+                     + (f"{best} {others[best]:.1f}" if best else "–") + " |")
+    complete = [ds for ds in DATASETS if len(median.get(ds, {})) == len(TABLE_SEEDS)]
+    lines += ["", f"Sets with all of seeds {list(TABLE_SEEDS)}: {len(complete)} of {len(DATASETS)}."]
+    if len(complete) < len(DATASETS):
+        return "\n".join(lines) + "\n"
+    set_mean = lambda d: float(np.mean([mean_over_seeds(d[ds])[0] for ds in DATASETS]))  # noqa: E731
+    ours = set_mean(median)
+    lines += ["", f"Mean over the six sets: median of 3 **{ours:.1f}**, `member-0` {set_mean(first):.1f}; table: "
+              + ", ".join(f"`{a}` {set_mean(table[a]):.1f}" for a in ("ipd",) + BASELINES) + ".", ""]
+    above_all = all(ours > set_mean(table[a]) for a in BASELINES)
+    replay = [ds for ds in DATASETS if "replay" in ds]
+    misses = [short(ds) for ds in replay if mean_over_seeds(median[ds])[0] <= mean_over_seeds(table["dt"][ds])[0]]
+    lines.append(f"The bar: six-set mean above every baseline's: {'yes' if above_all else 'no'}; above the table's DT "
+                 f"on every replay set: " + ("yes" if not misses else "no (" + ", ".join(misses) + ")") + ".")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = run_parser(__doc__, "seed_ensemble", report=True)
     p.add_argument("--members", type=int, default=3, help="separately seeded stage-6 trainings per run")
     p.add_argument("--algo", choices=["ipd", "dt"], default="ipd",
                    help="whose members: IPD's stage 6, or the table's DecisionTransformer (give it its own --out)")
+    p.add_argument("--table", nargs="?", const=os.path.join(RESULTS, "head_to_head"), default=None,
+                   help="with --report: also set the median beside the main table of this head_to_head folder")
+    p.add_argument("--table-dt", default=os.path.join(RESULTS, "seed_ensemble_dt"),
+                   help="with --table: the folder of DT's own median runs (--algo dt)")
     a = p.parse_args()
     for ds in a.datasets:
         for seed in a.seeds:
             (run_dt if a.algo == "dt" else run)(ds, seed, a.out, a.members, a.profile, a.minari_path)
     if a.report:
-        write_report(a.out, "ensemble_seed*.json", report, "seed_ensemble.py")
+        table = None
+        if a.algo == "ipd" and a.table:
+            from head_to_head import load_rows
+
+            dt_rows = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(a.table_dt, "runs", "*",
+                                                                                 "ensemble_seed*.json")))]
+            table = lambda rows: beside_the_table(rows, load_rows(a.table), dt_rows)  # noqa: E731
+        write_report(a.out, "ensemble_seed*.json",
+                     report if table is None else (lambda rows: report(rows) + "\n## Beside the table\n\n"
+                                                   + table(rows)), "seed_ensemble.py")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from .augment import AugmentationResult, augment, batched_values
 from .config import AugmentConfig, PlannerConfig, TransformerNetConfig, ValueConfig, WorldModelConfig, native_cpu_bf16
 from .data import DatasetError, Trajectories, check_unit_box, to_trajectories
 from .planner import PLANNER_EXECUTE, MPCPlanner
-from .policy import IPDPolicy, StatefulIPDWrapper
+from .policy import IPDPolicy, StatefulIPDWrapper, median_action
 from .transformer import (EMA_WARMUPS, LR_SCHEDULES, RTG_RELABELS, CausalTransformer, ReturnTokenModel, WindowSampler,
                           WeightAverage, advantage_weights, fit_return_token_model, lr_lambda, set_token_floor,
                           taught_rows, value_guided_loss, value_returns_to_go)
@@ -48,6 +48,7 @@ from .world_model import WorldModel, fit_world_model
 __all__ = ["IPDConfig", "IPD", "IPDImpl", "load_ipd"]
 
 STAGES = ("value", "world_model", "transformer")
+MEMBER_SEED_STRIDE = 1000  # member m of transformer.n_members trains under seed + 1000 m, far from any other seed
 
 
 def _short_hash(obj) -> int:
@@ -120,6 +121,10 @@ class IPDConfig(TransformerConfig):
         if not (math.isfinite(beta) and beta >= 0.0):
             raise ValueError(f"transformer.advantage_weight must be a finite number >= 0 (0 weighs every action "
                              f"alike; IQL's actor uses 3), got {beta!r}")
+        n = self.transformer.n_members
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"transformer.n_members is the number of separately seeded policies deployed together "
+                             f"(1: a single policy; 3 is the tested ensemble), got {n!r}")
         if not 0.0 <= self.transformer.ema_decay < 1.0:
             raise ValueError(f"transformer.ema_decay must be in [0, 1) (0 deploys the last iterate), got "
                              f"{self.transformer.ema_decay}")
@@ -167,6 +172,17 @@ class StageFlags(nn.Module):
         self.done[STAGES.index(stage)] = value
 
 
+class PolicyMember(nn.Module):
+    """One more stage-6 policy of ``transformer.n_members``: its transformer, its return-token model and its own
+    training flags (done, steps); member 0 is the model's ``transformer``, ``token`` and ``stages``."""
+
+    def __init__(self, obs_dim: int, act_dim: int, context: int, cfg: TransformerNetConfig) -> None:
+        super().__init__()
+        self.transformer = CausalTransformer(obs_dim, act_dim, context, cfg)
+        self.token = ReturnTokenModel(obs_dim)
+        self.stages = StageFlags()
+
+
 @dataclasses.dataclass(frozen=True)
 class IPDModules(Modules):
     transformer: CausalTransformer
@@ -174,6 +190,7 @@ class IPDModules(Modules):
     value: ValueFunctions
     world_model: WorldModel
     stages: StageFlags
+    members: nn.ModuleList  # PolicyMember 1 .. n_members - 1 (empty for a single policy)
 
 
 class IPDImpl(TransformerAlgoImplBase):
@@ -200,6 +217,8 @@ class IPDImpl(TransformerAlgoImplBase):
         chkpt = torch.load(f, map_location="cpu", weights_only=False)
         if "token" not in chkpt:
             chkpt["token"] = ReturnTokenModel(self.observation_shape[0]).state_dict()  # unfitted
+        if "members" not in chkpt:  # saved before transformer.n_members existed: a single policy
+            chkpt["members"] = self._modules.members.state_dict()
         buf = io.BytesIO()
         torch.save(chkpt, buf)
         buf.seek(0)
@@ -217,13 +236,25 @@ class IPDImpl(TransformerAlgoImplBase):
     def stages(self) -> StageFlags:
         return self._modules.stages
 
+    def member(self, m: int) -> tuple[CausalTransformer, ReturnTokenModel, StageFlags]:
+        """Member ``m``'s transformer, return-token model and training flags (member 0: the model's own)."""
+        if m == 0:
+            return self.transformer, self.token, self.stages
+        part = self._modules.members[m - 1]
+        return part.transformer, part.token, part.stages
+
+    @property
+    def n_members(self) -> int:
+        return 1 + len(self._modules.members)
+
     def inner_predict(self, inpt: TorchTransformerInput) -> torch.Tensor:
         """d3rlpy transformer semantics: the action for the last step of the given context."""
         valid = inpt.masks[0] > 0  # d3rlpy left-pads short contexts; our windows start at position 0
         obs = inpt.observations[:, valid]
         act = inpt.actions[:, valid]
         rtg = inpt.returns_to_go[:, valid].reshape(1, -1)
-        return self.transformer(obs, act, rtg)[0, -1]
+        nets = [self.member(m)[0] for m in range(self.n_members)]
+        return median_action(torch.stack([net(obs, act, rtg)[0, -1] for net in nets]))
 
     def inner_update(self, batch, grad_step: int) -> dict[str, float]:  # pragma: no cover - IPD has its own loop
         raise NotImplementedError("IPD trains through IPD.fit")
@@ -238,6 +269,9 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         self._augmentation_key: Optional[str] = None
         self.stage_times: dict[str, float] = {}
         self.stage_metrics: dict[str, Any] = {}
+        # the member whose transformer is training now, for fit callbacks (None outside stage 6): with
+        # transformer.n_members > 1 the members train one after another, each counting its steps from 1
+        self.training_member: Optional[int] = None
 
     def get_action_type(self) -> ActionSpace:
         return ActionSpace.CONTINUOUS
@@ -258,8 +292,13 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
                 value=ValueFunctions(iql),
                 world_model=WorldModel(observation_shape[0], action_size, cfg.world_model),
                 stages=StageFlags(),
+                # built last, so member 0 and stages 1-2 start as they do without members; each member is
+                # re-initialised under its own seed when its training starts
+                members=nn.ModuleList(PolicyMember(observation_shape[0], action_size, cfg.context_size, cfg.transformer)
+                                      for _ in range(cfg.transformer.n_members - 1)),
             )
-        for module in (modules.transformer, modules.token, modules.value, modules.world_model, modules.stages):
+        for module in (modules.transformer, modules.token, modules.value, modules.world_model, modules.stages,
+                       modules.members):
             module.to(self._device)  # built on the CPU under the seeded RNG, so CPU and GPU models start alike
         self._impl = IPDImpl(observation_shape, action_size, modules, self._device, iql)
 
@@ -383,11 +422,24 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
             self._save_checkpoint(checkpoint_dir, augmentation=True)
         logger.commit(0, 0)
 
-        # stage 6: value-guided transformer
+        # stage 6: value-guided transformer; with transformer.n_members > 1, member m is trained the same way on the
+        # same data under seed + 1000 m, each logged under its own experiment name
         t0 = time.perf_counter()
-        last = self._fit_transformer(self.augmentation, n_steps, n_steps_per_epoch, logger, show_progress,
-                                     eval_env, eval_episodes, save_interval, callback, checkpoint_dir,
-                                     checkpoint_every, resume)
+        try:
+            for m in range(impl.n_members):
+                self.training_member = m
+                member_logger = logger if m == 0 else D3RLPyLogger(
+                    algo=self, adapter_factory=logger_adapter, experiment_name=f"{name}_member{m}",
+                    n_steps_per_epoch=n_steps_per_epoch, with_timestamp=with_timestamp)
+                out_m = self._fit_transformer(self.augmentation, n_steps, n_steps_per_epoch, member_logger,
+                                              show_progress, eval_env, eval_episodes, save_interval, callback,
+                                              checkpoint_dir, checkpoint_every, resume, member=m)
+                if m == 0:
+                    last = out_m  # member 0's last losses
+                else:
+                    member_logger.close()
+        finally:
+            self.training_member = None
         self.stage_times["transformer"] = self.stage_times.get("transformer", 0.0) + time.perf_counter() - t0
         logger.close()
         return {"stage_times": dict(self.stage_times), "augmentation": self.augmentation.summary(), "last": last}
@@ -419,12 +471,13 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         return augment(traj, impl.world_model, impl.value, planner, cfg.augment, cfg.gamma, cfg.seed, show_progress)
 
     def fit_return_token(self, augmentation: Optional[AugmentationResult] = None, expectile: Optional[float] = None,
-                         rtg: Optional[np.ndarray] = None) -> dict:
+                         rtg: Optional[np.ndarray] = None, member: Optional[int] = None) -> dict:
         """(Re)fits the return-token model: an upper expectile of the transformer's training tokens given the state.
 
         It only sets the inference token, so trying another ``expectile`` takes seconds and no transformer training
         (``benchmarks/token_sensitivity.py``). Args: ``augmentation`` the training data (default: this fit's);
-        ``expectile`` overrides and updates ``transformer.token_expectile``; ``rtg`` precomputed tokens.
+        ``expectile`` overrides and updates ``transformer.token_expectile``; ``rtg`` precomputed tokens; ``member``
+        the one member's model to fit (default: every member's, each under its own seed). Returns member 0's metrics.
         """
         impl, cfg, tcfg = self._impl, self._config, self._config.transformer
         aug = augmentation if augmentation is not None else self.augmentation
@@ -438,37 +491,63 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
             rtg = value_returns_to_go(traj, batched_values(impl.value, traj.next_observations), cfg.gamma,
                                       tcfg.rtg_relabel)
         learn = taught_rows(traj, aug.n_real_episodes)  # the same rows the transformer learns from
-        t0 = time.perf_counter()
-        loss = fit_return_token_model(impl.token, traj.observations[learn], rtg[learn], tcfg.token_expectile,
-                                      tcfg.token_steps, seed=cfg.seed + 3)
         data_rows = traj.episode_ids < aug.n_real_episodes  # the dataset's own states, once each
-        floor = set_token_floor(impl.token, traj.observations[data_rows], tcfg.token_floor)
-        self.stage_metrics["return_token"] = {"loss": loss, "seconds": time.perf_counter() - t0, "floor": floor}
-        return self.stage_metrics["return_token"]
+        for m in range(impl.n_members) if member is None else (member,):
+            t0 = time.perf_counter()
+            token = impl.member(m)[1]
+            loss = fit_return_token_model(token, traj.observations[learn], rtg[learn], tcfg.token_expectile,
+                                          tcfg.token_steps, seed=self._member_seed(m) + 3)
+            floor = set_token_floor(token, traj.observations[data_rows], tcfg.token_floor)
+            self.stage_metrics["return_token" + (f"_member{m}" if m else "")] = {
+                "loss": loss, "seconds": time.perf_counter() - t0, "floor": floor}
+        return self.stage_metrics["return_token" + (f"_member{member}" if member else "")]
 
-    def _reset_transformer(self) -> None:
+    def _member_seed(self, m: int) -> int:
+        return self._config.seed + MEMBER_SEED_STRIDE * m
+
+    def _trainer(self, m: int) -> tuple:
+        """Member ``m``'s optimiser, schedule and weight average (``None``s before its first step in this process);
+        member 0's are ``_optim``, ``_sched`` and ``_weight_average``."""
+        if m == 0:
+            return getattr(self, "_optim", None), getattr(self, "_sched", None), getattr(self, "_weight_average", None)
+        return getattr(self, "_member_trainers", {}).get(m, (None, None, None))
+
+    def _set_trainer(self, m: int, optim, sched, ema) -> None:
+        if m == 0:
+            self._optim, self._sched, self._weight_average = optim, sched, ema
+        else:
+            self.__dict__.setdefault("_member_trainers", {})[m] = (optim, sched, ema)
+
+    def _reset_transformer(self, member: Optional[int] = None) -> None:
+        """Fresh initial weights (under the member's seed), an unfitted token model and no training state for
+        ``member``, or for every member."""
         impl = self._impl
         cfg = self._config
-        torch.manual_seed(cfg.seed + 1)
-        fresh = CausalTransformer(impl.observation_shape[0], impl.action_size, cfg.context_size, cfg.transformer)
-        impl.transformer.load_state_dict(fresh.state_dict())
-        impl.token.fitted.fill_(False)  # its tokens came from the old training data
-        impl.stages.mark("transformer", False)
-        impl.stages.transformer_steps.zero_()
-        self._optim = None
-        self._weight_average = None
+        for m in range(impl.n_members) if member is None else (member,):
+            net, token, flags = impl.member(m)
+            torch.manual_seed(self._member_seed(m) + 1)
+            fresh = CausalTransformer(impl.observation_shape[0], impl.action_size, cfg.context_size, cfg.transformer)
+            net.load_state_dict(fresh.state_dict())
+            token.fitted.fill_(False)  # its tokens came from the old training data
+            flags.mark("transformer", False)
+            flags.transformer_steps.zero_()
+            self._set_trainer(m, None, None, None)
 
     def _fit_transformer(self, aug: AugmentationResult, n_steps: int, n_steps_per_epoch: int, logger,
                          show_progress: bool, eval_env, eval_episodes: int, save_interval: int, callback,
                          checkpoint_dir: Optional[str] = None, checkpoint_every: int = 1000,
-                         resume: bool = False) -> dict:
+                         resume: bool = False, member: int = 0) -> dict:
+        """Trains member ``member``'s transformer (and fits its token model) for ``n_steps`` under its own seed."""
         impl, cfg, tcfg = self._impl, self._config, self._config.transformer
+        net, token, flags = impl.member(member)
+        if member and not flags.is_done("transformer") and int(flags.transformer_steps) == 0:
+            self._reset_transformer(member)  # a member's training starts from initial weights drawn under its seed
+        seed = self._member_seed(member)
         traj = aug.trajectories
-        net = impl.transformer
         dev = module_device(net)
         v_next = batched_values(impl.value, traj.next_observations)
         rtg = value_returns_to_go(traj, v_next, cfg.gamma, tcfg.rtg_relabel)
-        if not impl.stages.is_done("transformer"):  # input normalisation from the training data, fixed after
+        if not flags.is_done("transformer"):  # input normalisation from the training data, fixed after
             with torch.no_grad():
                 real = ~traj.imagined
                 net.obs_mean.copy_(torch.from_numpy(traj.observations[real].mean(0)))
@@ -477,19 +556,19 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         # A fresh policy gets a fresh token model: it must learn this fit's tokens (relabel, expectile, training
         # rows). A token model left over from an earlier call, e.g. a ``fit(n_steps=0)`` under other settings, would
         # otherwise set g_t at inference. A continued fit keeps the one its policy was trained with.
-        if tcfg.return_token == "upper" and (not bool(impl.token.fitted) or not impl.stages.is_done("transformer")):
-            self.fit_return_token(aug, rtg=rtg)
+        if tcfg.return_token == "upper" and (not bool(token.fitted) or not flags.is_done("transformer")):
+            self.fit_return_token(aug, rtg=rtg, member=member)
         weights = (advantage_weights(impl.value, traj.observations, traj.actions, tcfg.advantage_weight)
                    if tcfg.advantage_weight > 0 else None)
         sampler = WindowSampler(traj, rtg, cfg.context_size, tcfg.imagined_ratio, aug.n_real_episodes,
-                                seed=cfg.seed + int(impl.stages.transformer_steps), weights=weights)
-        if getattr(self, "_optim", None) is None:
-            self._optim = torch.optim.AdamW(net.parameters(), lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
-            self._sched = torch.optim.lr_scheduler.LambdaLR(
-                self._optim, lr_lambda(tcfg.warmup_steps, tcfg.lr_schedule, tcfg.n_steps))
+                                seed=seed + int(flags.transformer_steps), weights=weights)
+        optim, sched, ema = self._trainer(member)
+        if optim is None:
+            optim = torch.optim.AdamW(net.parameters(), lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
+            sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(tcfg.warmup_steps, tcfg.lr_schedule,
+                                                                       tcfg.n_steps))
         # weight average: a continued fit in this process trains on from the raw weights; a loaded model (which
         # holds the average) trains on from the average
-        ema = getattr(self, "_weight_average", None)
         if tcfg.ema_decay > 0:
             same_net = ema is not None and ema.params[0] is next(net.parameters())
             if same_net and ema.swapped:  # the network holds the average the last fit left, unless loaded over since
@@ -501,13 +580,14 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
             ema.decay, ema.warmup = tcfg.ema_decay, tcfg.ema_warmup
         else:
             ema = None
-        self._weight_average = ema
+        self._set_trainer(member, optim, sched, ema)
         # emulated bf16 would be slower than fp32; on a GPU the transformer trains in fp32
         use_bf16 = tcfg.bf16 and dev.type == "cpu" and native_cpu_bf16()
-        torch.manual_seed(cfg.seed + 2 + int(impl.stages.transformer_steps))
+        torch.manual_seed(seed + 2 + int(flags.transformer_steps))
         step = 0  # steps done in this fit call
-        state_path = os.path.join(checkpoint_dir, "train_state.pt") if checkpoint_dir else None
-        st = self._matching_train_state(checkpoint_dir, n_steps) if resume and state_path else None
+        state_name = "train_state.pt" if member == 0 else f"train_state_member{member}.pt"
+        state_path = os.path.join(checkpoint_dir, state_name) if checkpoint_dir else None
+        st = self._matching_train_state(state_path, n_steps, flags) if resume and state_path else None
         if st is not None:  # the optimiser, RNG and step of the same step as the model that was loaded
             if ema is not None and "raw_weights" in st:  # the saved model holds the average
                 with torch.no_grad():
@@ -515,8 +595,8 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
                     for p, w in zip(ema.params, st["raw_weights"]):
                         p.copy_(w)
                 ema.n_updates = st["ema_updates"]
-            self._optim.load_state_dict(st["optim"])
-            self._sched.load_state_dict(st["sched"])
+            optim.load_state_dict(st["optim"])
+            sched.load_state_dict(st["sched"])
             sampler.gen.set_state(st["sampler_rng"])
             torch.set_rng_state(st["torch_rng"])
             if "cuda_rng" in st and dev.type == "cuda":  # dropout draws from the GPU's generator there
@@ -534,16 +614,16 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
             if not torch.isfinite(loss):  # before the update: the last good weights are kept
                 raise FloatingPointError(f"transformer stage: loss became {float(loss)} at step {step}; "
                                          "lower transformer.learning_rate or value_guidance.")
-            self._optim.zero_grad(set_to_none=True)
+            optim.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), tcfg.grad_clip)
-            self._optim.step()
-            self._sched.step()
+            optim.step()
+            sched.step()
             if ema is not None:
                 ema.update()
             step += 1
             self._grad_step += 1
-            impl.stages.transformer_steps += 1
+            flags.transformer_steps += 1
             metrics["loss"] = loss.item()
             last = metrics
             for k, v in metrics.items():
@@ -554,11 +634,11 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
             if callback:
                 callback(self, epoch, step)
             if step % n_steps_per_epoch == 0 or step == n_steps:  # end of an epoch
-                impl.stages.mark("transformer")
-                if eval_env is not None:
+                flags.mark("transformer")
+                if eval_env is not None:  # the member in training, alone
                     with self.deployed_weights():
-                        score = evaluate_transformer_with_environment(self.as_stateful_wrapper(), eval_env,
-                                                                      eval_episodes)
+                        score = evaluate_transformer_with_environment(
+                            self.as_stateful_wrapper(members=[member]), eval_env, eval_episodes)
                     logger.add_metric("environment", score)
                     last["environment"] = score
                 logger.commit(epoch, self._grad_step)
@@ -567,9 +647,9 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
                         logger.save_model(self._grad_step, self)
             if state_path and (step % checkpoint_every == 0 or step == n_steps):
                 state = {"step": step, "n_steps": n_steps, "grad_step": self._grad_step,
-                         "transformer_steps": int(impl.stages.transformer_steps),
-                         "augment_key": int(impl.stages.augment_key), "optim": self._optim.state_dict(),
-                         "sched": self._sched.state_dict(), "sampler_rng": sampler.gen.get_state(),
+                         "transformer_steps": int(flags.transformer_steps),
+                         "augment_key": int(impl.stages.augment_key), "optim": optim.state_dict(),
+                         "sched": sched.state_dict(), "sampler_rng": sampler.gen.get_state(),
                          "torch_rng": torch.get_rng_state()}
                 if dev.type == "cuda":
                     state["cuda_rng"] = torch.cuda.get_rng_state(dev)
@@ -593,20 +673,24 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
     def deployed_weights(self):
         """Inside this block, while the transformer is training, the network holds the weights that ``fit`` will
         deploy (the weight average when ``transformer.ema_decay > 0``) in eval mode; on exit training goes on from
-        the raw weights. For evaluations from a ``fit`` callback; outside training it only switches to eval mode."""
-        net = self._impl.transformer
-        ema = getattr(self, "_weight_average", None)
-        was_training = net.training
-        swap = ema is not None and not ema.swapped
-        if swap:
+        the raw weights. For evaluations from a ``fit`` callback; outside training it only switches to eval mode.
+        With several members, every member's network."""
+        impl = self._impl
+        nets = [impl.member(m)[0] for m in range(impl.n_members)]
+        was_training = [net.training for net in nets]
+        emas = [self._trainer(m)[2] for m in range(impl.n_members)]
+        swapped = [ema for ema in emas if ema is not None and not ema.swapped]
+        for ema in swapped:
             ema.swap()
-        net.eval()
+        for net in nets:
+            net.eval()
         try:
             yield self
         finally:
-            if swap:
+            for ema in swapped:
                 ema.swap()
-            net.train(was_training)
+            for net, mode in zip(nets, was_training):
+                net.train(mode)
 
     def last_iterate_weights(self) -> Optional[list]:
         """Copies of the transformer's raw parameters at the last training step (``net.parameters()`` order) while the
@@ -618,16 +702,16 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         return [w.detach().clone() for w in (ema.average if ema.swapped else ema.params)]
 
     # ----- checkpoints ---------------------------------------------------------------------
-    def _matching_train_state(self, checkpoint_dir: str, n_steps: int) -> Optional[dict]:
-        """The saved optimiser/RNG state written at the same transformer step as the loaded model, if any."""
+    def _matching_train_state(self, state_path: str, n_steps: int, flags: StageFlags) -> Optional[dict]:
+        """The saved optimiser/RNG state (of the member whose flags are ``flags``) written at the same transformer
+        step as the loaded model, if any."""
         impl = self._impl
-        for path in (os.path.join(checkpoint_dir, "train_state.pt"), os.path.join(checkpoint_dir, "train_state.pt.prev")):
+        for path in (state_path, state_path + ".prev"):
             if not os.path.exists(path):
                 continue
             st = torch.load(path, weights_only=False)
             if (st["n_steps"] == n_steps and st["augment_key"] == int(impl.stages.augment_key)
-                    and st.get("transformer_steps", int(impl.stages.transformer_steps))
-                    == int(impl.stages.transformer_steps)):
+                    and st.get("transformer_steps", int(flags.transformer_steps)) == int(flags.transformer_steps)):
                 return st
         return None
 
@@ -714,37 +798,43 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
         if not np.isfinite(obs).all():
             raise ValueError("predict got NaN/inf observations.")
         self._impl.modules.set_eval()  # no dropout at inference (also after d3rlpy.load_learnable)
+        impl = self._impl
         with torch.no_grad():
-            dev = module_device(self._impl.transformer)
+            dev = module_device(impl.transformer)
             o = torch.from_numpy(obs).unsqueeze(1).to(dev)
-            g = self.return_token(o)
-            a = torch.zeros(len(obs), 1, self._impl.action_size, device=dev)
-            return self._impl.transformer(o, a, g)[:, 0].cpu().numpy()
+            a = torch.zeros(len(obs), 1, impl.action_size, device=dev)
+            acts = [impl.member(m)[0](o, a, self.return_token(o, m))[:, 0] for m in range(impl.n_members)]
+            return median_action(torch.stack(acts)).cpu().numpy()
 
-    def return_token_module(self) -> nn.Module:
-        """The module that sets g_t at inference: V(s) (``return_token="value"``) or the fitted token model."""
+    def return_token_module(self, member: int = 0) -> nn.Module:
+        """The module that sets member ``member``'s g_t at inference: V(s) (``return_token="value"``) or its fitted
+        token model."""
         impl = self._impl
         mode = self._config.transformer.return_token
         if mode == "value":
             return ValueToken(impl.value)
         if mode == "upper":
-            if not bool(impl.token.fitted):
+            token = impl.member(member)[1]
+            if not bool(token.fitted):
                 raise RuntimeError("transformer.return_token='upper' but the token model is not fitted (the model "
-                                   "was trained with 'value'): call fit() again, or set return_token='value'.")
-            return impl.token
+                                   "was trained with 'value', or fit() was stopped before this member "
+                                   f"({member}) trained): call fit() again, or set return_token='value'.")
+            return token
         raise ValueError(f"unknown transformer.return_token {mode!r}: use 'value' or 'upper'")
 
     @torch.no_grad()
-    def return_token(self, obs: torch.Tensor) -> torch.Tensor:
-        """g_t for observations [..., obs_dim] -> [...], as used by every inference path."""
-        return self.return_token_module()(obs)
+    def return_token(self, obs: torch.Tensor, member: int = 0) -> torch.Tensor:
+        """Member ``member``'s g_t for observations [..., obs_dim] -> [...], as used by every inference path."""
+        return self.return_token_module(member)(obs)
 
     def as_stateful_wrapper(self, target_return: Optional[float] = None, action_sampler: Any = None,
-                            rtg_mode: Optional[str] = None) -> StatefulIPDWrapper:  # type: ignore[override]
+                            rtg_mode: Optional[str] = None,
+                            members: Optional[list] = None) -> StatefulIPDWrapper:  # type: ignore[override]
         """Stateful policy for d3rlpy's evaluators. No target needed: g_t comes from the state
-        (``transformer.return_token``) unless ``rtg_mode='target'``."""
+        (``transformer.return_token``) unless ``rtg_mode='target'``. ``members``: deploy only these of
+        ``transformer.n_members`` (default: all, the median of their actions)."""
         mode = rtg_mode or ("value" if target_return is None else "target")
-        return StatefulIPDWrapper(self, mode, target_return)
+        return StatefulIPDWrapper(self, mode, target_return, members)
 
     def save_policy(self, fname: str) -> None:
         """Exports the deployable policy (transformer + the value network that sets the return token).
@@ -762,7 +852,9 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
                              "or deploy with IPDPolicy / as_stateful_wrapper, which keep the episode's state.")
         from .policy import ExportablePolicy
 
-        module = ExportablePolicy(self._impl.transformer, self.return_token_module()).eval()
+        members = range(self._impl.n_members)
+        module = ExportablePolicy([self._impl.member(m)[0] for m in members],
+                                  [self.return_token_module(m) for m in members]).eval()
         if module_device(module).type != "cpu":  # the exported file runs anywhere: trace a CPU copy
             module = copy.deepcopy(module).cpu()
         k, o, a = self._config.context_size, self._impl.observation_shape[0], self._impl.action_size

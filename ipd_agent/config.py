@@ -123,6 +123,11 @@ class TransformerNetConfig(SerializableConfig):
     # unlike the floor, the first steps keep g(s_0). Inference only; stateful, so not in ``save_policy`` exports
     token_ratchet: bool = False
     imagined_ratio: float = 0.5  # share of each batch drawn from imagined episodes (when any exist)
+    # policies trained on the same data, member m under seed + 1000 m (initial weights, batches, dropout, token
+    # model), deployed together: each keeps its own return tokens and the executed action is the element-wise median
+    # of theirs. On hopper one member's score swings by ~24 points with its seed and the median outvotes a member about
+    # to fall (PROFILE_HISTORY.md: +19.4 ± 3.6 over one member). Costs n_members transformer trainings; 1: one policy
+    n_members: int = 1
     bf16: bool = True  # bf16 autocast in training where the CPU has native bf16 (AVX512-BF16/AMX); fp32 elsewhere
 
 

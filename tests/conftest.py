@@ -147,6 +147,37 @@ def fitted(hopper_traj, tmp_path_factory):
     return SimpleNamespace(algo=algo, traj=hopper_traj, out=out, path=str(path))
 
 
+@pytest.fixture(scope="session")
+def members3(hopper_traj, tmp_path_factory):
+    """``fitted``'s model with ``transformer.n_members=3``: the same fit plus two separately seeded stage-6 members,
+    deployed together (median action), and its checkpoint. Tests must not mutate ``algo``."""
+    d3rlpy.seed(0)
+    tiny = tiny_config().transformer.to_dict()
+    algo = tiny_config(transformer={**tiny, "n_members": 3}).create(device="cpu:0")
+    out = algo.fit(hopper_traj, **FIT_KW)
+    path = tmp_path_factory.mktemp("ipd_members3") / "ipd.d3"
+    algo.save(str(path))
+    return SimpleNamespace(algo=algo, traj=hopper_traj, out=out, path=str(path))
+
+
+def acts_alike(together, alone, env, seed: int, check=None) -> int:
+    """Runs one episode of ``env`` on ``together``'s actions; at every step ``alone``, given the same observations and
+    rewards, must choose the same action, and ``check(action)`` (if given) runs. Returns the number of steps."""
+    o, _ = env.reset(seed=seed)
+    together.reset()
+    alone.reset()
+    r, n = 0.0, 0
+    while True:
+        a = together.predict(o, r)
+        np.testing.assert_array_equal(a, alone.predict(o, r))
+        if check is not None:
+            check(a)
+        o, r, te, tr, _ = env.step(a)
+        r, n = float(r), n + 1
+        if te or tr:
+            return n
+
+
 @pytest.fixture()
 def loaded_copy(fitted):
     """A private copy of the fitted model (through its checkpoint) that a test may re-fit."""

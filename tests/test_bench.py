@@ -14,7 +14,7 @@ import torch
 from ipd_agent.bench import Profile, markdown_table, run_sweep
 from ipd_agent.config import native_cpu_bf16
 
-from conftest import write_minari
+from conftest import acts_alike, write_minari
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"  # scripts and their profiles
 
@@ -655,24 +655,6 @@ def test_select_deployment_scores_candidates_of_one_training_run(hopper_episodes
     assert mod.run("ipdtest/hopper-random-v0", 0, out, prof, str(root)) == row  # finished: read back
 
 
-def _acts_alike(together, alone, env, seed: int, check=None) -> int:
-    """Runs one episode of ``env`` on ``together``'s actions; at every step ``alone``, given the same observations and
-    rewards, must choose the same action, and ``check(action)`` (if given) runs. Returns the number of steps."""
-    o, _ = env.reset(seed=seed)
-    together.reset()
-    alone.reset()
-    r, n = 0.0, 0
-    while True:
-        a = together.predict(o, r)
-        np.testing.assert_array_equal(a, alone.predict(o, r))
-        if check is not None:
-            check(a)
-        o, r, te, tr, _ = env.step(a)
-        r, n = float(r), n + 1
-        if te or tr:
-            return n
-
-
 def test_median_of_identical_policies_is_the_policy(fitted):
     """benchmarks/deploy_together.py: the median of several copies of one policy's weights acts exactly as that policy
     (the executed action, written back into each context, is its own), on a real Hopper-v5 episode."""
@@ -683,7 +665,7 @@ def test_median_of_identical_policies_is_the_policy(fitted):
     weights = [p.detach().clone() for p in algo.impl.transformer.parameters()]
     together, alone = mod.MedianOfPolicies(algo, [weights] * 3), algo.as_stateful_wrapper()
     env = gym.make("Hopper-v5", max_episode_steps=60)
-    n = _acts_alike(together, alone, env, seed=3)
+    n = acts_alike(together, alone, env, seed=3)
     assert n > algo.config.context_size  # the windows filled and rolled
     # the median follows the majority: one set outvoted by two copies of another acts as that other set alone
     other = [w + 0.05 * torch.randn_like(w) for w in weights]
@@ -721,7 +703,7 @@ def test_seed_ensemble_member_reseeds_stage_six_only(fitted):
                                                  again.impl.transformer.parameters()))
     together = mod.MedianOfPolicies(contexts=[TransformerContext(a, 1) for a in (algo, member, again)])
     alone = member.as_stateful_wrapper()
-    _acts_alike(together, alone, gym.make("Hopper-v5", max_episode_steps=20), seed=5)
+    acts_alike(together, alone, gym.make("Hopper-v5", max_episode_steps=20), seed=5)
     # the report's arithmetic, from a hand-made row
     row = {"dataset": "d/hopper/x", "seed": 0, "results": {
         "member-0": {"normalized_score": 50.0}, "member-1": {"normalized_score": 30.0},
@@ -751,7 +733,7 @@ def test_median_of_dt_members_records_the_executed_action(hopper_traj):
         for w in together.wrappers:
             np.testing.assert_array_equal(w._actions[-2], a)
 
-    _acts_alike(together, alone, env, seed=2, check=recorded)
+    acts_alike(together, alone, env, seed=2, check=recorded)
     # outvoted: the first member's context holds the majority's action, not the one it proposed
     d3rlpy.seed(1)
     other = _baseline("dt", load_profile("tiny"), "cpu:0")

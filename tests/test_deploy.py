@@ -14,9 +14,14 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from ipd_agent import IPDPolicy
-from ipd_agent.policy import TransformerContext
 
 from conftest import FIT_KW
+
+
+@pytest.fixture(params=["one policy", "three members"])
+def deployed(request, fitted, members3):
+    """Every deployment path holds for a single policy and for ``transformer.n_members=3`` (median of members)."""
+    return fitted if request.param == "one policy" else members3
 
 
 @pytest.mark.parametrize("n_envs", [1, 4])
@@ -29,12 +34,12 @@ def test_sb3_evaluate_policy_on_dummy_vec_env(fitted, n_envs):
     venv.close()
 
 
-def test_vec_policy_keeps_one_context_per_env_and_matches_single_env_policies(fitted):
+def test_vec_policy_keeps_one_context_per_env_and_matches_single_env_policies(deployed):
     """4 envs stepped together give exactly the actions of 4 separate single-env policies, resets included."""
     envs = [gym.make("Hopper-v5") for _ in range(4)]
     obs = np.stack([e.reset(seed=i)[0] for i, e in enumerate(envs)])
-    batched = IPDPolicy(fitted.algo, envs[0].action_space)
-    singles = [IPDPolicy(fitted.algo, envs[0].action_space) for _ in range(4)]
+    batched = IPDPolicy(deployed.algo, envs[0].action_space)
+    singles = [IPDPolicy(deployed.algo, envs[0].action_space) for _ in range(4)]
     starts = np.ones(4, dtype=bool)
     for t in range(40):
         a_b, state = batched.predict(obs, episode_start=starts)
@@ -59,10 +64,10 @@ def test_single_observation_returns_action_shaped_like_the_space(fitted):
     assert action.shape == env.action_space.shape and env.action_space.contains(action)
 
 
-def test_plain_gymnasium_loop_with_saved_policy(fitted):
+def test_plain_gymnasium_loop_with_saved_policy(deployed):
     env = gym.make("Hopper-v5", max_episode_steps=50)
-    policy = IPDPolicy.load(fitted.path, env.action_space)
-    in_memory = fitted.algo.as_policy(env.action_space)
+    policy = IPDPolicy.load(deployed.path, env.action_space)
+    in_memory = deployed.algo.as_policy(env.action_space)
     obs, _ = env.reset(seed=3)
     done, steps, start, actions = False, 0, True, []
     while not done:
@@ -78,10 +83,10 @@ def test_plain_gymnasium_loop_with_saved_policy(fitted):
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "pt"])
-def test_export_matches_predict_over_a_whole_episode(fitted, tmp_path, fmt):
-    """The exported policy (transformer + value network) reproduces the stateful policy within 1e-4, including
-    steps after the context window is full (the episode runs past context_size)."""
-    algo = fitted.algo
+def test_export_matches_predict_over_a_whole_episode(deployed, tmp_path, fmt):
+    """The exported policy (transformer + value network; every member and the median) reproduces the stateful policy
+    within 1e-4, including steps after the context window is full (the episode runs past context_size)."""
+    algo = deployed.algo
     path = str(tmp_path / f"policy.{fmt}")
     algo.save_policy(path)
     if fmt == "onnx":

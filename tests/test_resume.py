@@ -107,6 +107,23 @@ def test_resume_with_a_weight_average_ends_where_an_uninterrupted_fit_ends(tmp_p
     _resume_and_compare(ckpt, hopper_traj, reference, config)
 
 
+def test_kill_during_a_later_members_training_then_resume(tmp_path, hopper_traj):
+    """With transformer.n_members=2 a kill while member 1 trains resumes member 1 from its own train state (member 0
+    done, not retrained) and ends where an uninterrupted fit ends, weight averages included."""
+    import torch
+
+    config = {**CONFIG, "transformer": {**CONFIG["transformer"], "ema_decay": 0.95, "n_members": 2}}
+    reference = tiny_config(**config).create(device="cpu:0")
+    reference.fit(hopper_traj, **FIT_KW)
+    ckpt = _kill_when(tmp_path, hopper_traj, lambda c: os.path.exists(os.path.join(c, "train_state_member1.pt")),
+                      "member 1", config)
+    st = torch.load(os.path.join(ckpt, "train_state_member1.pt"), weights_only=False)
+    assert 0 < st["step"] < CONFIG["transformer"]["n_steps"]
+    member0 = torch.load(os.path.join(ckpt, "train_state.pt"), weights_only=False)
+    assert member0["step"] == CONFIG["transformer"]["n_steps"]  # member 0 finished before member 1 started
+    _resume_and_compare(ckpt, hopper_traj, reference, config)
+
+
 def test_resume_needs_a_checkpoint_dir(hopper_traj):
     with pytest.raises(ValueError, match="checkpoint_dir"):
         tiny_config().create(device="cpu:0").fit(hopper_traj, resume=True, **FIT_KW)
