@@ -633,6 +633,8 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
             epoch = (step - 1) // n_steps_per_epoch + 1
             if callback:
                 callback(self, epoch, step)
+                if not net.training:  # a callback that made a policy (eval mode) must not end dropout for the rest
+                    net.train()
             if step % n_steps_per_epoch == 0 or step == n_steps:  # end of an epoch
                 flags.mark("transformer")
                 if eval_env is not None:  # the member in training, alone

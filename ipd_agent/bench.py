@@ -234,15 +234,14 @@ class LearningCurve:
         from .algo import IPD
         from .data import normalized_score
 
-        policy = None
-        if isinstance(model, IPD) and model.impl.n_members > 1:
-            # the members train one after another, each from step 1: the curve is member 0's, alone
-            if model.training_member != 0:
-                return
-            policy = model.as_stateful_wrapper(members=[0])
+        members = isinstance(model, IPD) and model.impl.n_members > 1
+        if members and model.training_member != 0:
+            return  # the members train one after another, each from step 1: the curve is member 0's, alone
         te = time.perf_counter()
-        # d3rlpy's algorithms switch to eval mode themselves
+        # d3rlpy's algorithms switch to eval mode themselves; the policy is made inside the block, which restores
+        # the training mode the network had on entry
         with model.deployed_weights() if isinstance(model, IPD) else contextlib.nullcontext():
+            policy = model.as_stateful_wrapper(members=[0]) if members else None
             r = evaluate(model, self.env_id, self.episodes, self.seed, self.transformer_target, policy=policy)
         self.points.append({"step": step, "normalized_score": float(np.mean([normalized_score(x, self.ref) for x in r]))})
         self.eval_time += time.perf_counter() - te

@@ -12,7 +12,7 @@ import torch
 
 from ipd_agent import IPDConfig, load_ipd
 
-from conftest import acts_alike, tiny_config
+from conftest import FIT_KW, acts_alike, tiny_config
 from test_bench import _benchmark_script
 
 
@@ -98,6 +98,26 @@ def test_fit_trains_the_members_in_turn_and_evaluates_each_as_it_trains(hopper_t
              callback=lambda a, epoch, step: seen.append(step))
     assert seen == [1, 2, 3, 4, 1, 2, 3, 4]  # member 0's steps, then member 1's
     assert all(bool(algo.impl.member(m)[2].is_done("transformer")) for m in (0, 1))
+
+
+def test_the_harness_learning_curve_neither_changes_training_nor_mixes_members(hopper_traj, members3, fitted):
+    """The harness's curve evaluates member 0 alone while it trains (members 1.. count their steps afresh) and leaves
+    every member's training as it is without the curve; a callback that makes a policy (eval mode) outside
+    ``deployed_weights`` does not end dropout for the rest of training either."""
+    from ipd_agent.bench import LearningCurve, load_profile
+
+    tiny = tiny_config().transformer.to_dict()
+    d3rlpy.seed(0)
+    algo = tiny_config(transformer={**tiny, "n_members": 2}).create(device="cpu:0")
+    curve = LearningCurve(load_profile("tiny"), tiny["n_steps"], "Hopper-v5", 0, (0.0, 1000.0))
+    algo.fit(hopper_traj, callback=curve, **FIT_KW)
+    assert [p["step"] for p in curve.points] == sorted(curve.marks)  # member 0's marks, once each
+    for m in (0, 1):
+        assert _same(algo.impl.member(m)[0], members3.algo.impl.member(m)[0])
+    d3rlpy.seed(0)
+    single = tiny_config().create(device="cpu:0")
+    single.fit(hopper_traj, callback=lambda a, epoch, step: a.as_stateful_wrapper() if step == 10 else None, **FIT_KW)
+    assert _same(single.impl.transformer, fitted.algo.impl.transformer)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "3"])
