@@ -226,7 +226,7 @@ def plotted_labels(rows: list[dict]) -> list[str]:
     return [a for a in shown if a in have]
 
 
-EXTRA_COLOURS = ["C6", "C7", "C8", "C9", "black", "gold", "navy", "teal", "orchid", "sienna"]
+EXTRA_COLOURS = ["C6", "C7", "C8", "C9", "black", "gold", "navy", "teal", "orchid", "sienna", "olive", "crimson"]
 
 
 def label_colours(present: list[str]) -> dict[str, str]:
