@@ -254,7 +254,7 @@ class IPDImpl(TransformerAlgoImplBase):
         act = inpt.actions[:, valid]
         rtg = inpt.returns_to_go[:, valid].reshape(1, -1)
         nets = [self.member(m)[0] for m in range(self.n_members)]
-        return median_action(torch.stack([net(obs, act, rtg)[0, -1] for net in nets]))
+        return median_action([net(obs, act, rtg)[0, -1] for net in nets])
 
     def inner_update(self, batch, grad_step: int) -> dict[str, float]:  # pragma: no cover - IPD has its own loop
         raise NotImplementedError("IPD trains through IPD.fit")
@@ -806,7 +806,7 @@ class IPD(TransformerAlgoBase[IPDImpl, IPDConfig]):
             o = torch.from_numpy(obs).unsqueeze(1).to(dev)
             a = torch.zeros(len(obs), 1, impl.action_size, device=dev)
             acts = [impl.member(m)[0](o, a, self.return_token(o, m))[:, 0] for m in range(impl.n_members)]
-            return median_action(torch.stack(acts)).cpu().numpy()
+            return median_action(acts).cpu().numpy()
 
     def return_token_module(self, member: int = 0) -> nn.Module:
         """The module that sets member ``member``'s g_t at inference: V(s) (``return_token="value"``) or its fitted

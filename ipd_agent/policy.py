@@ -26,13 +26,13 @@ from .value import module_device
 __all__ = ["TransformerContext", "StatefulIPDWrapper", "IPDPolicy", "ExportablePolicy", "median_action"]
 
 
-def median_action(actions: torch.Tensor) -> torch.Tensor:
-    """The element-wise median over members, ``actions [M, ...] -> [...]`` (the mean of the middle two for even M;
-    exactly the one member's action for M = 1): a member about to act far from the others is outvoted."""
-    m = actions.shape[0]
+def median_action(actions: list) -> torch.Tensor:
+    """The element-wise median of the members' actions (a list of M tensors shaped alike; the mean of the middle two
+    for even M, exactly the one member's action for M = 1): a member about to act far from the others is outvoted."""
+    m = len(actions)  # a Python int, so an exported trace keeps no branch on a tensor
     if m == 1:
         return actions[0]
-    ordered = actions.sort(dim=0).values
+    ordered = torch.stack(actions).sort(dim=0).values
     return (ordered[(m - 1) // 2] + ordered[m // 2]) / 2
 
 
@@ -54,6 +54,9 @@ class TransformerContext:
             raise RuntimeError("The algorithm is not built yet: call fit() or load a saved model first.")
         impl.modules.set_eval()  # deployment: no dropout
         members = list(range(impl.n_members)) if members is None else list(members)
+        if not members or not set(members) <= set(range(impl.n_members)):
+            raise ValueError(f"members must be a non-empty list of this model's members 0..{impl.n_members - 1} "
+                             f"(transformer.n_members={impl.n_members}), got {members!r}")
         self.nets = [impl.member(m)[0] for m in members]
         self.gamma = algo.config.gamma
         # V(s) or each member's token model
@@ -117,8 +120,7 @@ class TransformerContext:
         self.length = torch.clamp(self.length + 1, max=self.k)
         # right padding follows, causal: no effect. One call per member: batching them through torch.func.vmap was
         # slower on the CPU (2.4 vs 3.1 ms a step for 3 members; torch has no vmap rule for CPU flash attention)
-        pred = median_action(torch.stack([net(self.obs, self.act, self.rtgs[i])[rows, slot]
-                                          for i, net in enumerate(self.nets)]))
+        pred = median_action([net(self.obs, self.act, self.rtgs[i])[rows, slot] for i, net in enumerate(self.nets)])
         self.act[rows, slot] = pred  # the executed action, in every member's context
         return pred.cpu().numpy()
 
@@ -210,5 +212,4 @@ class ExportablePolicy(nn.Module):
     def forward(self, observations: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         obs = observations.unsqueeze(0)
         act = torch.cat([actions[:-1], torch.zeros_like(actions[-1:])], dim=0).unsqueeze(0)
-        return median_action(torch.stack([net(obs, act, token(obs))[0, -1]
-                                          for net, token in zip(self.nets, self.tokens)]))
+        return median_action([net(obs, act, token(obs))[0, -1] for net, token in zip(self.nets, self.tokens)])

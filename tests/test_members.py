@@ -120,6 +120,13 @@ def test_the_harness_learning_curve_neither_changes_training_nor_mixes_members(h
     assert _same(single.impl.transformer, fitted.algo.impl.transformer)
 
 
+def test_deploying_members_the_model_lacks_is_refused(members3):
+    with pytest.raises(ValueError, match="members 0..2"):
+        members3.algo.as_stateful_wrapper(members=[3])
+    with pytest.raises(ValueError, match="non-empty"):
+        members3.algo.as_stateful_wrapper(members=[])
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "3"])
 def test_a_bad_member_count_is_refused_when_the_config_is_made(bad):
     tiny = tiny_config().transformer.to_dict()
