@@ -25,10 +25,15 @@ def run_parser(doc: str, out_name: str, datasets_required: bool = False, report:
     return p
 
 
+def read_rows(out_dir: str, row_pattern: str) -> list[dict]:
+    """Every row ``<out>/runs/*/<row_pattern>`` of a diagnostic, in file order."""
+    return [json.load(open(f)) for f in sorted(glob.glob(os.path.join(out_dir, "runs", "*", row_pattern)))]
+
+
 def write_report(out_dir: str, row_pattern: str, make_report, script: str) -> None:
     """``--report`` of a diagnostic: every row ``<out>/runs/*/<row_pattern>`` through ``make_report`` into
     ``<out>/report.md``, headed by the command that wrote it, and printed."""
-    rows = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(out_dir, "runs", "*", row_pattern)))]
+    rows = read_rows(out_dir, row_pattern)
     if not rows:
         raise SystemExit(f"no runs under {out_dir}/runs")
     text = make_report(rows)

@@ -30,7 +30,6 @@ multiple of its training, so a gain for IPD counts against DT only beside DT's o
 from __future__ import annotations
 
 import copy
-import glob
 import json
 import os
 import sys
@@ -41,7 +40,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from deploy_together import MedianOfPolicies  # noqa: E402
 from pooled_seeds import standard_error  # noqa: E402
-from run_args import RESULTS, run_parser, write_report  # noqa: E402
+from run_args import RESULTS, read_rows, run_parser, write_report  # noqa: E402
 
 SEED_STRIDE = 1000  # member m's stage 6 is seeded seed + 1000 m: far from every table seed's own
 
@@ -232,45 +231,39 @@ def beside_the_table(rows: list[dict], table_rows: list[dict], dt_rows: list[dic
     """The median of members as a whole IPD variant beside the main table (``--table``, seeds 0-2): per set its mean
     over seeds, this machine's single run (``member-0``), the table's ``ipd`` and baselines, and DT's own median where
     run; then the bar: its six-set mean above every baseline's, and above the table's DT on every replay set."""
-    from head_to_head import DATASETS, short
+    from head_to_head import DATASETS, cell, short
 
-    def mean_over_seeds(values: dict) -> tuple[float, float, int]:
-        v = np.asarray(list(values.values()), dtype=float)
-        return float(v.mean()), float(v.std()), len(v)  # the table's own std (ipd_agent.bench.summarise)
+    from ipd_agent.bench import summarise
 
-    def scores(rs, pick) -> dict:  # dataset -> {seed: score}, table seeds only
-        out: dict = {}
-        for r in rs:
-            if r["seed"] in TABLE_SEEDS:
-                out.setdefault(r["dataset"], {})[r["seed"]] = pick(r)
-        return out
+    def labelled(rs, label, pick) -> list[dict]:  # as table rows, so the table's own summary and cells apply
+        return [{"dataset": r["dataset"], "algo": label, "normalized_score": pick(r)} for r in rs
+                if r["seed"] in TABLE_SEEDS]
 
-    median = scores(rows, lambda r: r["results"]["median"]["normalized_score"])
-    first = scores(rows, lambda r: r["results"]["member-0"]["normalized_score"])
-    dt_median = scores(dt_rows, lambda r: r["results"]["median"]["normalized_score"])
-    table = {a: scores([r for r in table_rows if r["algo"] == a], lambda r: r["normalized_score"])
-             for a in ("ipd",) + BASELINES}
-    fmt = lambda d, key: (lambda m: f"{m[0]:.1f} ± {m[1]:.1f}" + ("" if m[2] == 3 else f" (n={m[2]})"))(  # noqa: E731
-        mean_over_seeds(d[key])) if key in d else "–"
+    median = lambda r: r["results"]["median"]["normalized_score"]  # noqa: E731
+    summ = summarise([*labelled(rows, "median", median),
+                      *labelled(rows, "member-0", lambda r: r["results"]["member-0"]["normalized_score"]),
+                      *labelled(dt_rows, "dt-median", median),
+                      *[{**r, "algo": "table-" + r["algo"]} for r in table_rows
+                        if r["algo"] in ("ipd",) + BASELINES and r["seed"] in TABLE_SEEDS]])
     lines = ["| dataset | median of 3 | `member-0` (this machine) | table `ipd` | table `dt` | DT's median of 3 | "
              "best other baseline |", "|---|---|---|---|---|---|---|"]
     for ds in DATASETS:
-        others = {a: mean_over_seeds(table[a][ds])[0] for a in BASELINES[1:] if ds in table[a]}
+        got = summ.get(ds, {})
+        others = {a: got[f"table-{a}"][0] for a in BASELINES[1:] if f"table-{a}" in got}
         best = max(others, key=others.get) if others else None
-        lines.append(f"| {short(ds)} | {fmt(median, ds)} | {fmt(first, ds)} | {fmt(table['ipd'], ds)} | "
-                     f"{fmt(table['dt'], ds)} | {fmt(dt_median, ds)} | "
+        lines.append(f"| {short(ds)} | " + " | ".join(cell(summ, ds, a) for a in (
+            "median", "member-0", "table-ipd", "table-dt", "dt-median")) + " | "
                      + (f"{best} {others[best]:.1f}" if best else "–") + " |")
-    complete = [ds for ds in DATASETS if len(median.get(ds, {})) == len(TABLE_SEEDS)]
+    complete = [ds for ds in DATASETS if summ.get(ds, {}).get("median", (0, 0, 0))[2] == len(TABLE_SEEDS)]
     lines += ["", f"Sets with all of seeds {list(TABLE_SEEDS)}: {len(complete)} of {len(DATASETS)}."]
     if len(complete) < len(DATASETS):
         return "\n".join(lines) + "\n"
-    set_mean = lambda d: float(np.mean([mean_over_seeds(d[ds])[0] for ds in DATASETS]))  # noqa: E731
-    ours = set_mean(median)
-    lines += ["", f"Mean over the six sets: median of 3 **{ours:.1f}**, `member-0` {set_mean(first):.1f}; table: "
-              + ", ".join(f"`{a}` {set_mean(table[a]):.1f}" for a in ("ipd",) + BASELINES) + ".", ""]
-    above_all = all(ours > set_mean(table[a]) for a in BASELINES)
-    replay = [ds for ds in DATASETS if "replay" in ds]
-    misses = [short(ds) for ds in replay if mean_over_seeds(median[ds])[0] <= mean_over_seeds(table["dt"][ds])[0]]
+    set_mean = lambda a: float(np.mean([summ[ds][a][0] for ds in DATASETS]))  # noqa: E731
+    ours = set_mean("median")
+    lines += ["", f"Mean over the six sets: median of 3 **{ours:.1f}**, `member-0` {set_mean('member-0'):.1f}; table: "
+              + ", ".join(f"`{a}` {set_mean('table-' + a):.1f}" for a in ("ipd",) + BASELINES) + ".", ""]
+    above_all = all(ours > set_mean("table-" + a) for a in BASELINES)
+    misses = [short(ds) for ds in DATASETS if "replay" in ds and summ[ds]["median"][0] <= summ[ds]["table-dt"][0]]
     lines.append(f"The bar: six-set mean above every baseline's: {'yes' if above_all else 'no'}; above the table's DT "
                  f"on every replay set: " + ("yes" if not misses else "no (" + ", ".join(misses) + ")") + ".")
     return "\n".join(lines) + "\n"
@@ -294,8 +287,7 @@ def main() -> None:
         if a.algo == "ipd" and a.table:
             from head_to_head import load_rows
 
-            dt_rows = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(a.table_dt, "runs", "*",
-                                                                                 "ensemble_seed*.json")))]
+            dt_rows = read_rows(a.table_dt, "ensemble_seed*.json")
             table = lambda rows: beside_the_table(rows, load_rows(a.table), dt_rows)  # noqa: E731
         write_report(a.out, "ensemble_seed*.json",
                      report if table is None else (lambda rows: report(rows) + "\n## Beside the table\n\n"
