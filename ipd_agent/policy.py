@@ -119,7 +119,7 @@ class TransformerContext:
             self.rtgs[:, rows, slot] = self.remaining
         self.length = torch.clamp(self.length + 1, max=self.k)
         # right padding follows, causal: no effect. One call per member: batching them through torch.func.vmap was
-        # slower on the CPU (2.4 vs 3.1 ms a step for 3 members; torch has no vmap rule for CPU flash attention)
+        # slower on the CPU (torch has no vmap rule for CPU flash attention and falls back to one sample at a time)
         pred = median_action([net(self.obs, self.act, self.rtgs[i])[rows, slot] for i, net in enumerate(self.nets)])
         self.act[rows, slot] = pred  # the executed action, in every member's context
         return pred.cpu().numpy()
