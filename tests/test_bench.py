@@ -746,3 +746,31 @@ def test_median_of_dt_members_records_the_executed_action(hopper_traj):
     proposed = own.predict(o, 0.0)
     assert not np.array_equal(a, proposed)
     np.testing.assert_array_equal(mixed.wrappers[0]._actions[-2], a)
+
+
+@pytest.mark.parametrize("dt_median_fr", [60.0, 90.0])
+def test_seed_ensemble_beside_the_table_reads_both_bars(monkeypatch, dt_median_fr):
+    """benchmarks/seed_ensemble.py --report --table: the bar against the table (six-set mean, replay sets against the
+    table's DT) and the same-multiple line against DT's own median, which names a set where IPD's median is not higher
+    and the replay sets DT's median did not reach three seeds on."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    mod = _benchmark_script("seed_ensemble")
+    from head_to_head import DATASETS
+
+    def ens(ds, seed, median, first):
+        return {"dataset": ds, "seed": seed, "results": {"median": {"normalized_score": median},
+                                                          "member-0": {"normalized_score": first}}}
+
+    fr = "d4rlstyle/hopper/full-replay-v0"
+    rows = [ens(ds, s, 80.0, 50.0) for ds in DATASETS for s in (0, 1, 2)]
+    table = [{"dataset": ds, "algo": a, "seed": s, "normalized_score": score} for ds in DATASETS for s in (0, 1, 2)
+             for a, score in (("ipd", 50.0), ("dt", 85.0 if ds == fr else 40.0), ("iql", 30.0), ("cql", 20.0),
+                              ("td3bc", 30.0), ("bc", 25.0))]
+    dt_rows = [ens(fr, s, dt_median_fr, 0.0) for s in (0, 1, 2)] + [ens("d4rlstyle/hopper/medium-replay-v0", 0, 1, 0)]
+    text = mod.beside_the_table(rows, table, dt_rows)
+    assert "median of 3 **80.0**" in text
+    assert "above the table's DT on every replay set: no (hopper/full-replay)." in text  # 80 against the table's 85
+    verdict = "higher" if dt_median_fr < 80 else "not higher"
+    assert f"hopper/full-replay 80.0 against {dt_median_fr:.1f} ({verdict})." in text
+    # one seed of DT's median on medium-replay is not a comparison
+    assert "Not run to three seeds: hopper/medium-replay, halfcheetah/medium-replay, halfcheetah/full-replay." in text
