@@ -271,8 +271,8 @@ def beside_the_table(rows: list[dict], table_rows: list[dict], dt_rows: list[dic
     dt_done = [ds for ds in replay if summ[ds].get("dt-median", (0, 0, 0))[2] == len(TABLE_SEEDS)]
     if dt_done:
         verdict = lambda ds: "higher" if summ[ds]["median"][0] > summ[ds]["dt-median"][0] else "not higher"  # noqa
-        lines += ["", "Against DT's own median of 3 (three DT trainings, the same deployment), on the replay sets where "
-                  f"it has all of seeds {list(TABLE_SEEDS)}: " + "; ".join(
+        lines += ["", "Against DT's own median of 3 (three DT trainings, the same deployment), on the replay sets "
+                  f"where it has all of seeds {list(TABLE_SEEDS)}: " + "; ".join(
                       f"{short(ds)} {summ[ds]['median'][0]:.1f} against {summ[ds]['dt-median'][0]:.1f} "
                       f"({verdict(ds)})" for ds in dt_done) + "."
                   + ("" if len(dt_done) == len(replay) else " Not run to three seeds: "
