@@ -30,14 +30,16 @@ def read_rows(out_dir: str, row_pattern: str) -> list[dict]:
     return [json.load(open(f)) for f in sorted(glob.glob(os.path.join(out_dir, "runs", "*", row_pattern)))]
 
 
-def write_report(out_dir: str, row_pattern: str, make_report, script: str) -> None:
+def write_report(out_dir: str, row_pattern: str, make_report, script: str, flags: str = "") -> None:
     """``--report`` of a diagnostic: every row ``<out>/runs/*/<row_pattern>`` through ``make_report`` into
-    ``<out>/report.md``, headed by the command that wrote it, and printed."""
+    ``<out>/report.md``, headed by the command that wrote it (``flags``: its other options), and printed."""
     rows = read_rows(out_dir, row_pattern)
     if not rows:
         raise SystemExit(f"no runs under {out_dir}/runs")
     text = make_report(rows)
+    command = " ".join(filter(None, [f"python benchmarks/{script} --report", flags,
+                                     f"--out {os.path.relpath(out_dir)}"]))
     with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(f"Written by `python benchmarks/{script} --report --out {os.path.relpath(out_dir)}`.\n\n" + text)
+        f.write(f"Written by `{command}`.\n\n" + text)
     print(text)
 

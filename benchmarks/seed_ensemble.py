@@ -227,10 +227,45 @@ TABLE_SEEDS = (0, 1, 2)  # the table's seeds: the comparison below uses these ru
 BASELINES = ("dt", "iql", "cql", "td3bc", "bc")
 
 
-def beside_the_table(rows: list[dict], table_rows: list[dict], dt_rows: list[dict] = ()) -> str:
+BESIDE_BARS = {  # label in the summary -> (legend, the table's algorithm whose colour it takes, alpha, hatch)
+    "median": ("IPD, median of 3", "ipd", 1.0, ""), "member-0": ("IPD member-0 (this machine)", "ipd", 0.45, ""),
+    "table-ipd": ("table ipd", "ipd", 0.2, "//"), "table-dt": ("table dt", "dt", 0.45, ""),
+    "dt-median": ("DT, median of 3", "dt", 1.0, "")}
+
+
+def beside_plot(summ: dict, path: str) -> None:
+    """``beside.png``: per set, IPD's median of 3 beside the same machine's single policy, the table's IPD and DT, and
+    DT's own median of 3 where it ran (mean ± std over seeds 0-2)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from head_to_head import DATASETS, label_colours, short
+
+    colour = label_colours(["ipd", "dt"])
+    fig, ax = plt.subplots(figsize=(11, 4))
+    w = 0.8 / len(BESIDE_BARS)
+    for i, (key, (legend, algo, alpha, hatch)) in enumerate(BESIDE_BARS.items()):
+        got = [summ[ds].get(key) for ds in DATASETS]
+        ax.bar(np.arange(len(DATASETS)) + (i - (len(BESIDE_BARS) - 1) / 2) * w,
+               [g[0] if g else np.nan for g in got], w, yerr=[g[1] if g else 0.0 for g in got], capsize=2,
+               color=colour[algo], alpha=alpha, hatch=hatch, edgecolor=colour[algo], label=legend)
+    ax.set_xticks(np.arange(len(DATASETS)), [short(d).replace("/", "\n") for d in DATASETS])
+    ax.set_ylabel("normalised score (final policy)")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.12)  # room for the legend above the error bars
+    ax.legend(ncol=len(BESIDE_BARS), fontsize=8)
+    ax.set_title("Median of three separately seeded policies beside the main table, mean ± std over seeds 0-2")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def beside_the_table(rows: list[dict], table_rows: list[dict], dt_rows: list[dict] = (),
+                     plot: str | None = None) -> str:
     """The median of members as a whole IPD variant beside the main table (``--table``, seeds 0-2): per set its mean
     over seeds, this machine's single run (``member-0``), the table's ``ipd`` and baselines, and DT's own median where
-    run; then the bar: its six-set mean above every baseline's, and above the table's DT on every replay set."""
+    run; then the bar: its six-set mean above every baseline's, and above the table's DT on every replay set, and
+    against DT's own median where it has every seed. ``plot``: also draw the bars there (``beside_plot``)."""
     from head_to_head import DATASETS, cell, short
 
     from ipd_agent.bench import summarise
@@ -258,6 +293,9 @@ def beside_the_table(rows: list[dict], table_rows: list[dict], dt_rows: list[dic
     lines += ["", f"Sets with all of seeds {list(TABLE_SEEDS)}: {len(complete)} of {len(DATASETS)}."]
     if len(complete) < len(DATASETS):
         return "\n".join(lines) + "\n"
+    if plot:
+        beside_plot(summ, plot)
+        lines += ["", f"![beside the table]({os.path.basename(plot)})"]
     set_mean = lambda a: float(np.mean([summ[ds][a][0] for ds in DATASETS]))  # noqa: E731
     ours = set_mean("median")
     lines += ["", f"Mean over the six sets: median of 3 **{ours:.1f}**, `member-0` {set_mean('member-0'):.1f}; table: "
@@ -299,10 +337,15 @@ def main() -> None:
             from head_to_head import load_rows
 
             dt_rows = read_rows(a.table_dt, "ensemble_seed*.json")
-            table = lambda rows: beside_the_table(rows, load_rows(a.table), dt_rows)  # noqa: E731
+            table = lambda rows: beside_the_table(  # noqa: E731
+                rows, load_rows(a.table), dt_rows, os.path.join(a.out, "beside.png"))
+        flags = "" if table is None else "--table" + (
+            "" if a.table == os.path.join(RESULTS, "head_to_head") else f" {os.path.relpath(a.table)}") + (
+            "" if a.table_dt == os.path.join(RESULTS, "seed_ensemble_dt")
+            else f" --table-dt {os.path.relpath(a.table_dt)}")
         write_report(a.out, "ensemble_seed*.json",
                      report if table is None else (lambda rows: report(rows) + "\n## Beside the table\n\n"
-                                                   + table(rows)), "seed_ensemble.py")
+                                                   + table(rows)), "seed_ensemble.py", flags)
 
 
 if __name__ == "__main__":

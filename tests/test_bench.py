@@ -749,7 +749,7 @@ def test_median_of_dt_members_records_the_executed_action(hopper_traj):
 
 
 @pytest.mark.parametrize("dt_median_fr", [60.0, 90.0])
-def test_seed_ensemble_beside_the_table_reads_both_bars(monkeypatch, dt_median_fr):
+def test_seed_ensemble_beside_the_table_reads_both_bars(monkeypatch, tmp_path, dt_median_fr):
     """benchmarks/seed_ensemble.py --report --table: the bar against the table (six-set mean, replay sets against the
     table's DT) and the same-multiple line against DT's own median, which names a set where IPD's median is not higher
     and the replay sets DT's median did not reach three seeds on."""
@@ -767,7 +767,8 @@ def test_seed_ensemble_beside_the_table_reads_both_bars(monkeypatch, dt_median_f
              for a, score in (("ipd", 50.0), ("dt", 85.0 if ds == fr else 40.0), ("iql", 30.0), ("cql", 20.0),
                               ("td3bc", 30.0), ("bc", 25.0))]
     dt_rows = [ens(fr, s, dt_median_fr, 0.0) for s in (0, 1, 2)] + [ens("d4rlstyle/hopper/medium-replay-v0", 0, 1, 0)]
-    text = mod.beside_the_table(rows, table, dt_rows)
+    text = mod.beside_the_table(rows, table, dt_rows, plot=str(tmp_path / "beside.png"))
+    assert (tmp_path / "beside.png").stat().st_size > 0 and "![beside the table](beside.png)" in text
     assert "median of 3 **80.0**" in text
     assert "above the table's DT on every replay set: no (hopper/full-replay)." in text  # 80 against the table's 85
     verdict = "higher" if dt_median_fr < 80 else "not higher"
