@@ -53,9 +53,11 @@ class MedianOfPolicies:
     def predict(self, x: np.ndarray, reward: float = 0.0) -> np.ndarray:
         import torch
 
+        from ipd_agent.policy import median_action  # the rule fit's n_members deploys
+
         obs = np.asarray(x, dtype=np.float32)[None]
-        acts = np.stack([c.step(obs, np.array([reward], np.float32))[0] for c in self.contexts])
-        action = np.median(acts, axis=0).astype(np.float32)
+        acts = [torch.as_tensor(c.step(obs, np.array([reward], np.float32))[0]) for c in self.contexts]
+        action = median_action(acts).numpy().astype(np.float32)
         for c in self.contexts:  # the executed action, not the candidate's own, is what happened at this step
             c.act[0, int(c.length[0]) - 1] = torch.as_tensor(action, device=c.device)
         return action

@@ -99,8 +99,12 @@ class MedianOfDT:
         self.wrappers = wrappers
 
     def predict(self, x: np.ndarray, reward: float = 0.0) -> np.ndarray:
-        acts = np.stack([w.predict(x, reward) for w in self.wrappers])
-        action = np.median(acts, axis=0).astype(np.float32)
+        import torch
+
+        from ipd_agent.policy import median_action  # the same rule as IPD's members
+
+        acts = [torch.as_tensor(w.predict(x, reward)) for w in self.wrappers]
+        action = median_action(acts).numpy().astype(np.float32)
         for w in self.wrappers:  # the wrapper appended a pad after its own action: overwrite the action before it
             w._actions[-2] = action
         return action
