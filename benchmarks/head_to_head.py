@@ -377,16 +377,22 @@ def update_readme(path: str, block: str) -> None:
         f.write(head + block + tail)
 
 
+def ablation_labels(rows: list[dict]) -> list[str]:
+    """The ablation table's columns: `ipd`, its previous-rate control, the ablations in order, any other kept variant,
+    the fixed target return last; only those with rows in this folder."""
+    labels = ["ipd", "ipd-lr-1e-4"] + [f"ipd-{t}" for t in ABLATIONS]
+    # rows of variants no longer in ABLATIONS (kept results, e.g. benchmarks/results/alpha_check) still get a column
+    labels += sorted({r["algo"] for r in rows if r["algo"].startswith("ipd-") and r["algo"] not in labels
+                      and not r["algo"].startswith(("ipd-branches-", "ipd-target-rtg"))}) + ["ipd-target-rtg"]
+    # a variant without rows here (alpha7.5's are in runs_alpha7.5) gets no all-dash column
+    return [a for a in labels if any(r["algo"] == a for r in rows)]
+
+
 def report(out: str, profile, scaling_sets: list[str], rows: Optional[list[dict]] = None) -> str:
     rows = load_rows(out) if rows is None else rows
     default_branches = profile.ipd.get("augment", {}).get("n_branches", 1000)
     table, avg = main_table(rows)
-    # the ablation rows' own control (the previous rate) sits next to today's `ipd`
-    ab_labels = ["ipd"] + (["ipd-lr-1e-4"] if any(r["algo"] == "ipd-lr-1e-4" for r in rows) else [])
-    ab_labels += [f"ipd-{t}" for t in ABLATIONS]
-    # rows of variants no longer in ABLATIONS (kept results, e.g. benchmarks/results/alpha_check) still get a column
-    ab_labels += sorted({r["algo"] for r in rows if r["algo"].startswith("ipd-") and r["algo"] not in ab_labels
-                         and not r["algo"].startswith(("ipd-branches-", "ipd-target-rtg"))}) + ["ipd-target-rtg"]
+    ab_labels = ablation_labels(rows)
     lines = [header_line(rows, profile), "", "## Main table", "", table, "",
              "## Ablations", "", variant_table(rows, ab_labels, DATASETS), "",
              "## Scaling with imagined data", ""]

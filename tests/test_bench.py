@@ -226,6 +226,17 @@ def test_plots_draw_diagnostics_beside_ipd_but_only_the_six_algorithms_in_a_main
     assert "nan" not in table and all(v is None for v in avg.values())
 
 
+def test_the_ablation_table_has_a_column_for_each_variant_with_rows_and_none_without():
+    """An ablation whose rows live in another folder (alpha7.5's) used to get an all-dash column in summary.md."""
+    mod = _benchmark_script("head_to_head")
+    algos = ("ipd", "dt", "ipd-no-augment", "ipd-branches-250", "ipd-kept-variant", "ipd-target-rtg")
+    rows = [{"algo": a} for a in algos]
+    assert "alpha7.5" in mod.ABLATIONS
+    assert mod.ablation_labels(rows) == ["ipd", "ipd-no-augment", "ipd-kept-variant", "ipd-target-rtg"]
+    with_control = mod.ablation_labels(rows + [{"algo": "ipd-alpha7.5"}, {"algo": "ipd-lr-1e-4"}])
+    assert with_control[:2] == ["ipd", "ipd-lr-1e-4"] and "ipd-alpha7.5" in with_control
+
+
 def test_scaling_jobs_take_volumes_as_multiples_of_the_profile_branch_points():
     """--scales: the scaling part's volumes; the default sweep is 0.25, 0.5 and 2 x (0 and 1 come from other parts)."""
     from ipd_agent.bench import load_profile
