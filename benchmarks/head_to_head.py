@@ -22,7 +22,6 @@ Writes <out>/results.csv, results.json, summary.md and bars.png, curves.png, sca
 from __future__ import annotations
 
 import argparse
-import csv
 import glob
 import json
 import os
@@ -31,6 +30,7 @@ from typing import Optional
 import numpy as np
 
 from ipd_agent.bench import load_profile, run_sweep, summarise
+from ipd_agent.bench_report import bar_chart, label_colours, learning_curves, mean_curves, write_csv
 
 DATASETS = [f"d4rlstyle/{env}/{kind}-v0" for kind in ("medium-replay", "full-replay", "medium")
             for env in ("hopper", "halfcheetah")]
@@ -226,78 +226,26 @@ def plotted_labels(rows: list[dict]) -> list[str]:
     return [a for a in shown if a in have]
 
 
-EXTRA_COLOURS = ["C6", "C7", "C8", "C9", "black", "gold", "navy", "teal", "orchid", "sienna", "olive", "crimson"]
-
-
-def label_colours(present: list[str]) -> dict[str, str]:
-    """One distinct colour per drawn label: the six algorithms keep theirs in every figure (C0-C5), the diagnostics
-    drawn beside them take the next free ones in legend order (a global index would wrap past C9 onto ipd's)."""
-    extra = iter(EXTRA_COLOURS)
-    return {a: f"C{ALGOS.index(a)}" if a in ALGOS else next(extra) for a in present}
-
-
 def plots(rows: list[dict], out: str, scaling_sets: list[str], default_branches: int) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     written = []
-    summ = summarise([r for r in rows if r["algo"] in PLOTTED])
-    sets = [d for d in DATASETS if d in summ]
-    if sets:  # per-dataset bars with std error bars
-        fig, ax = plt.subplots(figsize=(11, 4))
+    plotted = [r for r in rows if r["algo"] in PLOTTED]
+    sets = [d for d in DATASETS if d in summarise(plotted)]
+    if sets:  # per-dataset bars with std error bars, and the learning curves
         present = plotted_labels(rows)
         colour = label_colours(present)
-        w = 0.8 / len(present)
-        for i, a in enumerate(present):
-            m = [summ[d][a][0] if a in summ[d] else np.nan for d in sets]
-            s = [summ[d][a][1] if a in summ[d] else 0.0 for d in sets]
-            ax.bar(np.arange(len(sets)) + (i - (len(present) - 1) / 2) * w, m, w, yerr=s, capsize=2, label=a,
-                   color=colour[a])
-        ax.set_xticks(np.arange(len(sets)), [short(d).replace("/", "\n") for d in sets])
-        ax.set_ylabel("normalised score (final policy)")
-        ax.legend(ncol=len(present), fontsize=8)
-        ax.set_title("IPD vs d3rlpy baselines, mean ± std over seeds" if set(present) <= set(ALGOS)
-                     else "Final score per label, mean ± std over seeds")
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "bars.png"), dpi=110)
-        plt.close(fig)
+        bar_chart(plotted, sets, present, os.path.join(out, "bars.png"),
+                  "IPD vs d3rlpy baselines, mean ± std over seeds" if set(present) <= set(ALGOS)
+                  else "Final score per label, mean ± std over seeds", name=short, colours=colour, width=11)
         written.append("bars.png")
-        # learning curves: x is the fraction of each algorithm's own gradient-step budget
-        curves = mean_curves(rows)
-        if len(sets) > 3:
-            fig, axes = plt.subplots(2, 3, figsize=(12, 6), sharex=True)
-        else:  # one row, so every panel keeps its x axis
-            fig, axes = plt.subplots(1, len(sets), figsize=(4.5 * len(sets), 3.6), squeeze=False)
-        for ax, d in zip(axes.T.ravel(), sets):
-            for a in present:
-                c = curves.get((d, a))
-                if not c:
-                    continue
-                fracs = sorted(c)
-                ax.plot([f / 100 for f in fracs], [np.mean(c[f]) for f in fracs], marker="o", ms=3, label=a,
-                        color=colour[a])
-            ax.set_title(short(d), fontsize=9)
-        for ax in axes.T.ravel()[len(sets):]:
-            ax.set_visible(False)  # datasets without finished runs yet
-        for ax in axes[-1]:
-            ax.set_xlabel("fraction of training budget")
-        for ax in axes[:, 0]:
-            ax.set_ylabel("normalised score")
-        legend: dict = {}  # every label drawn on any panel, once
-        for ax in axes.ravel():
-            for h, lab in zip(*ax.get_legend_handles_labels()):
-                legend.setdefault(lab, h)
-        axes[0, 0].legend(list(legend.values()), list(legend), fontsize=7)
-        fig.suptitle("Learning curves (mean over seeds;" + ("\n" if len(sets) < 3 else " ") +
-                     "last point = 10-episode final evaluation)")
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "curves.png"), dpi=110)
-        plt.close(fig)
+        learning_curves(rows, sets, present, os.path.join(out, "curves.png"), name=short, colours=colour)
         written.append("curves.png")
     pts = {d: scaling_points(rows, d, default_branches) for d in scaling_sets}
     if any(len(p) > 1 for p in pts.values()):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
         fig, ax = plt.subplots(figsize=(5.5, 4))
         for d, p in pts.items():
             if len(p) > 1:
@@ -312,17 +260,6 @@ def plots(rows: list[dict], out: str, scaling_sets: list[str], default_branches:
         plt.close(fig)
         written.append("scaling.png")
     return written
-
-
-def mean_curves(rows: list[dict]) -> dict:
-    """(dataset, label) -> {percent of the run's gradient-step budget: [score of each seed there]}: learning curves
-    line up by share of the budget, so algorithms with different step budgets share one axis."""
-    curves: dict = {}
-    for r in rows:
-        for p in r.get("learning_curve", []):
-            frac = round(100 * p["step"] / r["gradient_steps"])
-            curves.setdefault((r["dataset"], r["algo"]), {}).setdefault(frac, []).append(p["normalized_score"])
-    return curves
 
 
 def curve_table(rows: list[dict]) -> str:
@@ -423,13 +360,7 @@ def report(out: str, profile, scaling_sets: list[str], rows: Optional[list[dict]
         f.write(text)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    keys = ["algo", "dataset", "seed", "normalized_score", "return_mean", "train_wall_time_s", "gradient_steps",
-            "peak_rss_mib"]
-    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(keys + ["git_commit"])
-        for r in rows:
-            w.writerow([r.get(k) for k in keys] + [r["versions"].get("git_commit")])
+    write_csv(rows, os.path.join(out, "results.csv"))
     return text
 
 

@@ -55,13 +55,22 @@ def load_profile(path_or_name: str) -> Profile:
     raise FileNotFoundError(f"No profile {path_or_name!r}: pass a JSON file or one of cpu, gpu, tiny.")
 
 
-def _git_commit() -> Optional[str]:
+def _git_commit(where: Optional[str] = None) -> Optional[str]:
+    """The checkout's short commit, with "+dirty" when the code differs from it (the package, the benchmark scripts
+    or their profiles; results and docs do not count): such a row cannot be re-made from the commit alone."""
     import subprocess
 
+    where = where or os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(__file__), timeout=10).stdout.strip()
-        return out or None
+                             cwd=where, timeout=10).stdout.strip()
+        if not out:
+            return None
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                             cwd=where, timeout=10).stdout.strip()
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "ipd_agent", "benchmarks/*.py",
+                                  "benchmarks/profiles"], cwd=top, timeout=10).returncode
+        return out + ("+dirty" if changed == 1 else "")
     except Exception:  # noqa: BLE001 - not a git checkout
         return None
 

@@ -75,7 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--minari-path", default=None, help="folder holding the Minari datasets")
     b.add_argument("--workers", type=int, default=2, help="parallel runs (one torch thread each)")
     b.add_argument("--device", default=None, help="torch device of every run, e.g. cuda:0 (default: the profile's)")
-    b.add_argument("--out", default="benchmarks/results/bench", help="results folder (finished runs are skipped)")
+    b.add_argument("--out", default="benchmarks/results/bench",
+                   help="results folder: a row per run in runs/ (finished runs are skipped), then results.json, "
+                        "results.csv, table.md, bars.png and curves.png")
     b.add_argument("--ray-address", default=None,
                    help="run on a Ray cluster instead of local processes ('auto', 'ray://host:10001', or 'local')")
     return p
@@ -193,6 +195,7 @@ def _make_dataset(args) -> int:
 
 def _bench(args) -> int:
     from .bench import check_device, load_profile, markdown_table, run_sweep
+    from .bench_report import write_outputs
 
     prof = load_profile(args.profile)
     if args.device:
@@ -202,13 +205,9 @@ def _bench(args) -> int:
     jobs = [{"algo": a, "dataset": d, "seed": s} for s in args.seeds for d in args.datasets for a in args.algos]
     root = os.path.abspath(args.minari_path) if args.minari_path else os.environ.get("MINARI_DATASETS_PATH")
     rows = run_sweep(jobs, prof, args.out, workers=args.workers, dataset_root=root, ray_address=args.ray_address)
-    table = markdown_table(rows, args.algos)
-    print(table)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(table + "\n")
+    print(markdown_table(rows, args.algos))
+    written = write_outputs(rows, args.out, args.algos)
+    print(f"wrote {', '.join(written)} to {args.out}")
     return 0
 
 

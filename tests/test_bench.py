@@ -57,6 +57,24 @@ def test_sweep_rows_curves_and_resume(hopper_episodes, tmp_path):
     assert sorted(again, key=lambda r: r["algo"]) == sorted(rows, key=lambda r: r["algo"])
     table = markdown_table(rows, ["ipd", "bc"])
     assert "ipdtest/hopper-random-v0" in table and table.count("±") == 2
+    # `ipd-agent bench` on the same folder reads the finished runs back and writes every output of the issue
+    import csv
+
+    import matplotlib.image
+
+    from ipd_agent.cli import main as cli_main
+
+    (tmp_path / "profile.json").write_text(json.dumps(dataclasses.asdict(PROFILE)))
+    assert cli_main(["bench", "--profile", str(tmp_path / "profile.json"), "--datasets", "ipdtest/hopper-random-v0",
+                     "--algos", "ipd", "bc", "--seeds", "0", "--minari-path", str(root), "--out", out]) == 0
+    with open(os.path.join(out, "results.csv")) as f:
+        lines = list(csv.DictReader(f))
+    assert {x["algo"]: (float(x["normalized_score"]), x["git_commit"]) for x in lines} == {
+        r["algo"]: (r["normalized_score"], str(r["versions"]["git_commit"])) for r in rows}
+    assert len(json.load(open(os.path.join(out, "results.json")))) == 2
+    assert open(os.path.join(out, "table.md")).read().strip() == table
+    for png in ("bars.png", "curves.png"):
+        assert matplotlib.image.imread(os.path.join(out, png)).shape[0] > 100, png  # a drawn figure, not a stub
 
 
 def _children(pid: int) -> list[tuple[int, str]]:
@@ -786,3 +804,33 @@ def test_seed_ensemble_beside_the_table_reads_both_bars(monkeypatch, tmp_path, d
     assert f"hopper/full-replay 80.0 against {dt_median_fr:.1f} ({verdict})." in text
     # one seed of DT's median on medium-replay is not a comparison
     assert "Not run to three seeds: hopper/medium-replay, halfcheetah/medium-replay, halfcheetah/full-replay." in text
+
+
+def test_a_row_names_its_commit_and_says_when_the_code_differs_from_it(tmp_path):
+    """Rows record the commit of the code that ran; code edited since that commit is marked "+dirty" (a results or
+    docs edit is not), so a table built from such rows does not claim a commit that cannot re-make them."""
+    import subprocess
+
+    from ipd_agent.bench import _git_commit
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    for rel in ("ipd_agent/algo.py", "benchmarks/head_to_head.py", "benchmarks/results/summary.md", "README.md"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "c")
+    head = git("rev-parse", "--short", "HEAD")
+    package = str(tmp_path / "ipd_agent")
+    assert _git_commit(package) == head
+    (tmp_path / "README.md").write_text("y\n")
+    (tmp_path / "benchmarks/results/summary.md").write_text("y\n")
+    assert _git_commit(package) == head  # results and docs do not change what a row's code was
+    (tmp_path / "benchmarks/head_to_head.py").write_text("y\n")
+    assert _git_commit(package) == head + "+dirty"
+    git("checkout", "--", "benchmarks/head_to_head.py")
+    (tmp_path / "ipd_agent/algo.py").write_text("y\n")
+    assert _git_commit(package) == head + "+dirty"
