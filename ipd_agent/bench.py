@@ -14,6 +14,7 @@ import os
 import platform
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Optional
 
 import numpy as np
@@ -567,14 +568,28 @@ def run_sweep(jobs: list[dict], profile: Profile, out_dir: str, workers: int = 2
     ``ray_address`` ("auto", "ray://host:10001", or "local" for a throw-away local cluster) sends the same runs to
     Ray instead of a local process pool.
     """
-    from tqdm.auto import tqdm
-
     rows, jobs = _finished_rows(jobs, out_dir)  # read back here: no worker process is started for them
     if not jobs:
         return rows
     if ray_address:
         return rows + _ray_sweep(jobs, profile, out_dir, dataset_root, ray_address, show_progress)
-    # a fresh process per run: no state carried between runs, and peak memory is the run's own
+    try:
+        return rows + _pool_sweep(jobs, profile, out_dir, workers, dataset_root, show_progress)
+    except BrokenProcessPool as exc:
+        raise RuntimeError(
+            f"A worker process of the sweep died before its run finished (finished runs are kept under {out_dir}/runs "
+            "and skipped next time). Usual causes: the machine ran out of memory (use fewer workers), the worker was "
+            "killed, or run_sweep was called at the top level of a script without an `if __name__ == \"__main__\":` "
+            "guard: workers are started with 'spawn' and import the script again.") from exc
+
+
+def _pool_sweep(jobs: list[dict], profile: Profile, out_dir: str, workers: int, dataset_root: Optional[str],
+                show_progress: bool) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    rows = []
+    # a fresh process per run ('spawn', as max_tasks_per_child implies): no state carried between runs, and peak
+    # memory is the run's own
     with ProcessPoolExecutor(max_workers=workers, max_tasks_per_child=1, initializer=_exit_with_parent) as pool:
         # stages 1-2 first, once per (dataset, seed, settings), so variants never race to fit them
         pre = {pool.submit(_prefit_job, j["dataset"], j["seed"], profile, out_dir, j.get("ipd_overrides"),

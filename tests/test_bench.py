@@ -138,6 +138,26 @@ def test_killing_a_sweep_ends_its_workers(hopper_episodes, tmp_path):
             os.kill(worker, signal.SIGKILL)
 
 
+def test_a_script_without_a_main_guard_gets_a_clear_error(hopper_episodes, tmp_path):
+    """run_sweep at the top level of a script: the spawned workers import the script again and die; the sweep says
+    why and what to do instead of ending in BrokenProcessPool."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "datasets"
+    write_minari(root, "ipdtest/hopper-random-v0", "Hopper-v5", hopper_episodes[:10])
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from ipd_agent.bench import Profile, run_sweep\n"
+        f"run_sweep([{{'algo': 'bc', 'dataset': 'ipdtest/hopper-random-v0', 'seed': 0}}], "
+        f"Profile(**{dataclasses.asdict(PROFILE)!r}), {str(tmp_path / 'results')!r}, workers=1, "
+        f"dataset_root={str(root)!r}, show_progress=False)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "RuntimeError: A worker process of the sweep died" in done.stderr
+    assert 'if __name__ == "__main__":' in done.stderr
+
+
 def test_the_same_sweep_runs_on_ray(hopper_episodes, tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is the optional 'ray' extra (scripts/setup.sh installs it)")
     try:  # a machine that cannot host a local Ray cluster at all (e.g. no shared memory) is not our bug
