@@ -561,6 +561,29 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+def check_jobs(jobs: list[dict], dataset_root: Optional[str] = None, datasets: bool = True) -> None:
+    """Refuses a sweep with an unknown algorithm or a dataset this machine cannot open, before any worker starts: a
+    bad entry would otherwise end the sweep only when its turn came, possibly hours in."""
+    from .data import open_minari
+
+    unknown = sorted({j["algo"] for j in jobs} - set(ALGOS))
+    if unknown:
+        raise ValueError(f"unknown algorithm(s) {unknown}; choose from {ALGOS}")
+    if not datasets:
+        return
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    if dataset_root:
+        os.environ["MINARI_DATASETS_PATH"] = dataset_root  # where the workers will look
+    try:
+        for d in sorted({j["dataset"] for j in jobs}):
+            open_minari(d)  # metadata only: the episodes are read by the run itself
+    finally:
+        if old is None:
+            os.environ.pop("MINARI_DATASETS_PATH", None)
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = old
+
+
 def run_sweep(jobs: list[dict], profile: Profile, out_dir: str, workers: int = 2, dataset_root: Optional[str] = None,
               show_progress: bool = True, ray_address: Optional[str] = None) -> list[dict]:
     """Runs jobs ``{"algo", "dataset", "seed", ["tag", "ipd_overrides"]}`` in parallel processes.
@@ -571,6 +594,8 @@ def run_sweep(jobs: list[dict], profile: Profile, out_dir: str, workers: int = 2
     rows, jobs = _finished_rows(jobs, out_dir)  # read back here: no worker process is started for them
     if not jobs:
         return rows
+    # Ray workers may see other folders than this machine: only the algorithms are checked here for them
+    check_jobs(jobs, dataset_root, datasets=not ray_address)
     if ray_address:
         return rows + _ray_sweep(jobs, profile, out_dir, dataset_root, ray_address, show_progress)
     try:

@@ -279,12 +279,9 @@ class Trajectories:
 DatasetLike = Union["Trajectories", Any, str, os.PathLike]
 
 
-def load_minari(dataset: Any) -> tuple["Trajectories", dict]:
-    """Converts a Minari dataset (object, id or local path) into Trajectories plus its metadata.
-
-    Returns the trajectories and a dict with ``env_id``, ``ref_min_score``, ``ref_max_score``,
-    ``observation_space`` and ``action_space`` where the dataset has them.
-    """
+def open_minari(dataset: Any):
+    """The Minari dataset object of an id, a local path or an object, checked for what IPD and the harness need
+    (continuous actions, flat observations) without reading its episodes: a DatasetError says what is wrong."""
     import gymnasium
     import minari
 
@@ -319,6 +316,16 @@ def load_minari(dataset: Any) -> tuple["Trajectories", dict]:
             f"IPD supports flat Box observations; this dataset has {dataset.observation_space}. "
             "Dict and image observations are not supported: flatten them first."
         )
+    return dataset
+
+
+def load_minari(dataset: Any) -> tuple["Trajectories", dict]:
+    """Converts a Minari dataset (object, id or local path) into Trajectories plus its metadata.
+
+    Returns the trajectories and a dict with ``env_id``, ``ref_min_score``, ``ref_max_score``,
+    ``observation_space`` and ``action_space`` where the dataset has them.
+    """
+    dataset = open_minari(dataset)
     episodes, known = [], []
     for ep in dataset.iterate_episodes():
         known.append(np.asarray(ep.infos["next_known"], bool) if "next_known" in (ep.infos or {}) else None)

@@ -369,3 +369,23 @@ def test_dict_observation_minari_dataset_is_rejected(tmp_path):
     assert_untrained()
     fails_fast(DatasetError, r"Dict and image observations are not supported",
                to_trajectories, str(tmp_path / "ipdtest" / "dictobs-v0"))
+
+
+# ----- benchmark sweeps ----------------------------------------------------------------------------
+def test_a_sweep_with_a_bad_entry_is_refused_before_any_worker_starts(hopper_episodes, tmp_path):
+    """An unknown algorithm, a dataset that is not there or a discrete-action dataset anywhere in the job list stops
+    the sweep at once, not when that entry's turn comes; nothing is written."""
+    from ipd_agent.bench import Profile, run_sweep
+
+    root = tmp_path / "datasets"
+    write_minari(root, "ipdtest/hopper-random-v0", "Hopper-v5", hopper_episodes[:5])
+    write_minari(root, "ipdtest/cartpole-v0", "CartPole-v1", collect_episodes("CartPole-v1", 3, seed=0))
+    good = {"algo": "bc", "dataset": "ipdtest/hopper-random-v0", "seed": 0}
+    out = tmp_path / "results"
+    for bad, match in [({"algo": "sac"}, r"unknown algorithm\(s\) \['sac'\]"),
+                       ({"dataset": "ipdtest/missing-v0"}, r"ipdtest/missing-v0.*MINARI_DATASETS_PATH"),
+                       ({"dataset": "ipdtest/cartpole-v0"}, r"continuous \(Box\) action space.*Discrete\(2\)")]:
+        exc = ValueError if "algo" in bad else DatasetError
+        fails_fast(exc, match, run_sweep, [good, {**good, **bad}], Profile(q_steps=10**7), str(out),
+                   dataset_root=str(root), show_progress=False)
+    assert not out.exists()
