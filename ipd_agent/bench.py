@@ -43,17 +43,39 @@ class Profile:
     curve_episodes: int = 3  # episodes per intermediate learning-curve evaluation (cheaper than the final one)
     device: str = "cpu:0"  # torch device of every run: "cuda:0" on a GPU machine (the gpu profile's)
 
+    def __post_init__(self) -> None:
+        # a wrong type would otherwise surface deep inside a worker, after the sweep had started
+        kinds = {"int": (int,), "float": (int, float), "str": (str,), "dict": (dict,)}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, kinds[f.type]):
+                raise ValueError(f"profile field {f.name!r} must be {f.type}, got {value!r}")
+        for name in ("q_steps", "transformer_steps", "transformer_hidden", "transformer_layers", "eval_episodes",
+                     "threads", "curve_points", "curve_episodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"profile field {name!r} must be at least 1, got {getattr(self, name)}")
+        if self.dt_learning_rate <= 0:
+            raise ValueError(f"profile field 'dt_learning_rate' must be positive, got {self.dt_learning_rate}")
+
 
 def load_profile(path_or_name: str) -> Profile:
     """A profile from a JSON file, or a built-in one: 'cpu', 'gpu' or 'tiny'."""
-    if os.path.exists(path_or_name):
-        with open(path_or_name) as f:
-            return Profile(**json.load(f))
     here = os.path.join(os.path.dirname(__file__), "profiles", f"{path_or_name}.json")
-    if os.path.exists(here):
-        with open(here) as f:
-            return Profile(**json.load(f))
-    raise FileNotFoundError(f"No profile {path_or_name!r}: pass a JSON file or one of cpu, gpu, tiny.")
+    path = path_or_name if os.path.exists(path_or_name) else here
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No profile {path_or_name!r}: pass a JSON file or one of cpu, gpu, tiny.")
+    with open(path) as f:
+        try:
+            fields = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"profile {path!r} is not valid JSON: {exc}") from exc
+    if not isinstance(fields, dict):
+        raise ValueError(f"profile {path!r} must hold a JSON object of Profile fields")
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(Profile)})
+    if unknown:
+        raise ValueError(f"profile {path!r}: unknown field(s) {unknown}; valid: "
+                         f"{[f.name for f in dataclasses.fields(Profile)]}")
+    return Profile(**fields)
 
 
 def _git_commit(where: Optional[str] = None) -> Optional[str]:

@@ -262,6 +262,22 @@ def test_unknown_config_fields_are_rejected():
     fails_fast(TypeError, r"bogus", IPDConfig, bogus=1)
 
 
+@pytest.mark.parametrize("text, match", [
+    ('{"name": "x", "q_step": 10}', r"unknown field\(s\) \['q_step'\]; valid: \['name', 'q_steps'"),
+    ('{"q_steps": "ten"}', r"profile field 'q_steps' must be int, got 'ten'"),
+    ('{"eval_episodes": true}', r"profile field 'eval_episodes' must be int, got True"),
+    ('{"transformer_steps": 0}', r"'transformer_steps' must be at least 1, got 0"),
+    ('{"ipd": []}', r"profile field 'ipd' must be dict"),
+    ('[1, 2]', r"must hold a JSON object"),
+    ('{"q_steps": 10,}', r"is not valid JSON"),
+])
+def test_a_bad_benchmark_profile_is_refused_with_the_field_named(tmp_path, text, match):
+    from ipd_agent.bench import load_profile
+
+    (tmp_path / "p.json").write_text(text)
+    fails_fast(ValueError, match, load_profile, str(tmp_path / "p.json"))
+
+
 def test_inconsistent_transformer_width_is_rejected_before_training(hopper_traj):
     algo = tiny_config(transformer={"hidden_size": 30, "n_heads": 4}).create(device="cpu:0")
     fails_fast(ValueError, r"hidden_size \(30\) must be divisible by n_heads \(4\)", algo.fit, hopper_traj, **FIT_KW)
