@@ -826,6 +826,35 @@ def test_seed_ensemble_beside_the_table_reads_both_bars(monkeypatch, tmp_path, d
     assert "Not run to three seeds: hopper/medium-replay, halfcheetah/medium-replay, halfcheetah/full-replay." in text
 
 
+def test_seed_ensemble_beside_the_table_reads_the_replay_sets_alone(monkeypatch, tmp_path):
+    """With every replay set run to seeds 0-2 but not the two medium sets, --report --table reads the bar's replay-set
+    parts (plot included) and gives no six-set mean; with a replay set short of a seed, neither."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    mod = _benchmark_script("seed_ensemble")
+    from head_to_head import DATASETS
+
+    def ens(ds, seed, median):
+        return {"dataset": ds, "seed": seed, "results": {"median": {"normalized_score": median},
+                                                          "member-0": {"normalized_score": 50.0}}}
+
+    fr, replay = "d4rlstyle/hopper/full-replay-v0", [ds for ds in DATASETS if "replay" in ds]
+    assert len(replay) == 4
+    table = [{"dataset": ds, "algo": a, "seed": s, "normalized_score": score} for ds in DATASETS for s in (0, 1, 2)
+             for a, score in (("ipd", 50.0), ("dt", 40.0), ("iql", 30.0), ("cql", 20.0), ("td3bc", 30.0), ("bc", 25.0))]
+    dt_rows = [ens(fr, s, 60.0) for s in (0, 1, 2)]
+    rows = [ens(ds, s, 45.0 if ds == fr else 80.0) for ds in replay for s in (0, 1, 2)]
+    text = mod.beside_the_table(rows, table, dt_rows, plot=str(tmp_path / "beside.png"))
+    assert "Sets with all of seeds [0, 1, 2]: 4 of 6." in text and "Mean over the six sets" not in text
+    assert (tmp_path / "beside.png").stat().st_size > 0
+    assert "The bar on the replay sets (the six-set mean needs all six sets): above the table's DT on every replay " \
+           "set: yes." in text  # 45 and 80 against DT's 40
+    assert "hopper/full-replay 45.0 against 60.0 (not higher)." in text
+    short_of_a_seed = [r for r in rows if not (r["dataset"] == fr and r["seed"] == 2)]
+    text = mod.beside_the_table(short_of_a_seed, table, dt_rows, plot=str(tmp_path / "short.png"))
+    assert "Sets with all of seeds [0, 1, 2]: 3 of 6." in text and "The bar" not in text
+    assert not (tmp_path / "short.png").exists()
+
+
 def test_a_row_names_its_commit_and_says_when_the_code_differs_from_it(tmp_path):
     """Rows record the commit of the code that ran; code edited since that commit is marked "+dirty" (a results or
     docs edit is not), so a table built from such rows does not claim a commit that cannot re-make them."""
