@@ -313,8 +313,8 @@ def beside_the_table(rows: list[dict], table_rows: list[dict], dt_rows: list[dic
         lines.append(f"The bar: six-set mean above every baseline's: {'yes' if above_all else 'no'}; above the table's "
                      f"DT on every replay set: {above_dt}.")
     else:  # the replay sets alone: no six-set mean
-        lines += ["", f"The bar on the replay sets (the six-set mean needs all six sets): above the table's DT on every "
-                  f"replay set: {above_dt}."]
+        lines += ["", "The bar on the replay sets (the six-set mean needs all six sets): above the table's DT on "
+                  f"every replay set: {above_dt}."]
     # DT trained as many times and deployed the same way: the same-multiple comparison, on the sets where it ran
     dt_done = [ds for ds in replay if summ[ds].get("dt-median", (0, 0, 0))[2] == len(TABLE_SEEDS)]
     if dt_done:
